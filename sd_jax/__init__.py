@@ -1,0 +1,10 @@
+"""sd_jax: Stable Diffusion in JAX/Flax.
+
+    pipe = sd_jax.load("models/sd15")          # converted folder, diffusers folder or single file
+    images = pipe.txt2img("a photo of a cat", steps=30, seed=1)
+"""
+
+from sd_jax.loading import LoadError, load
+
+__all__ = ["load", "LoadError"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""What the absl scripts share: turning a user's mistake into one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+from sd_jax.convert.params import ConversionError
+from sd_jax.convert.torch_files import CheckpointError
+from sd_jax.loading import LoadError
+from sd_jax.tokenizer import BPEVocabNotFoundError
+
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    ConversionError,
+    CheckpointError,
+    LoadError,
+    BPEVocabNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def run_or_exit(fn, *args, **kwargs):
+    """Calls fn; a user error (bad path, flag, checkpoint or size) exits 1 with a one-line message, no traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def generate_to_pngs(flags_) -> list:
+    """The txt2img script's work: load, generate with a progress bar, save; user errors exit with one line."""
+    from tqdm import tqdm
+
+    from sd_jax.images import save_pngs
+    from sd_jax.loading import load
+
+    if flags_.model is None:
+        print(
+            "no --model given: using the tiny random-weight model (sd_jax ships no trained weights), "
+            "so the images are noise",
+            file=sys.stderr,
+        )
+    kwargs = {"model_type": flags_.model_type, "bpe_vocab": flags_.bpe_vocab} if flags_.model else {}
+    if flags_.model is None and flags_.bpe_vocab:
+        kwargs = {"bpe_vocab": flags_.bpe_vocab}
+    pipe = run_or_exit(load, flags_.model, flags_.dtype, **kwargs)
+    with tqdm(total=flags_.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+
+        def progress(step, steps):
+            bar.update(max(step - bar.n, 0))
+
+        images = run_or_exit(
+            pipe.txt2img,
+            flags_.prompt,
+            flags_.negative_prompt,
+            height=flags_.height,
+            width=flags_.width,
+            steps=flags_.steps,
+            guidance_scale=flags_.guidance_scale,
+            sampler=flags_.sampler,
+            schedule=flags_.schedule,
+            eta=flags_.eta,
+            seed=flags_.seed,
+            num_images=flags_.num_images,
+            clip_skip=flags_.clip_skip,
+            progress=progress,
+        )
+    return save_pngs(images, flags_.output_dir, [flags_.seed + i for i in range(len(images))])

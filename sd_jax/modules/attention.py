@@ -1,0 +1,217 @@
+"""Attention and transformer blocks of the Stable Diffusion U-Net and the VAE mid-block.
+
+Tokens are (B, L, D); feature maps are NHWC. Attribute names follow diffusers so checkpoints map 1:1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sd_jax.modules.layers import GroupNorm, LayerNorm, conv2d, linear
+
+
+def scaled_dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False
+) -> jax.Array:
+    """Multi-head softmax(q k^T / sqrt(d)) v with float32 logits and softmax.
+
+    Args:
+      q: (B, Lq, H*d); k, v: (B, Lk, H*d).
+      heads: H.
+      upcast: also cast q and k to float32 before the product (SD 2.x `upcast_attention`, avoids fp16 overflow).
+
+    Returns:
+      (B, Lq, H*d) in v's dtype.
+    """
+    b, lq, inner = q.shape
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d)
+    k = k.reshape(b, k.shape[1], heads, d)
+    v = v.reshape(b, v.shape[1], heads, d)
+    if upcast:
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return out.reshape(b, lq, inner)
+
+
+class Attention(nnx.Module):
+    """Multi-head (self- or cross-) attention: to_q/to_k/to_v projections, attention, to_out.0.
+
+    Args:
+      query_dim: width of the query tokens (and of the output).
+      cross_attention_dim: width of the context tokens; None for self-attention.
+      heads, dim_head: heads * dim_head is the inner width.
+      qkv_bias: bias on to_q/to_k/to_v (False in the U-Net, True in the VAE).
+      upcast_attention: float32 q k^T (SD 2.x).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        cross_attention_dim: int | None = None,
+        heads: int,
+        dim_head: int,
+        qkv_bias: bool = False,
+        upcast_attention: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * dim_head
+        context_dim = cross_attention_dim or query_dim
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        self.to_q = linear(query_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_k = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.to_v = linear(context_dim, inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        # A list so the PyTorch key is `to_out.0` (diffusers' to_out.1 is a parameter-free dropout).
+        self.to_out = nnx.List([linear(inner, query_dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """x: (B, Lq, query_dim), context: (B, Lk, cross_attention_dim) or None -> (B, Lq, query_dim)."""
+        context = x if context is None else context
+        out = scaled_dot_product_attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), heads=self.heads, upcast=self.upcast_attention
+        )
+        return self.to_out[0](out)
+
+
+class SpatialSelfAttention(nnx.Module):
+    """The VAE mid-block attention: GroupNorm, single-head self-attention over H*W tokens, residual.
+
+    diffusers keys: group_norm, to_q, to_k, to_v (with bias), to_out.0.
+    """
+
+    def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.group_norm = GroupNorm(channels, groups, eps=eps, dtype=dtype, rngs=rngs)
+        self.to_q = linear(channels, channels, dtype=dtype, rngs=rngs)
+        self.to_k = linear(channels, channels, dtype=dtype, rngs=rngs)
+        self.to_v = linear(channels, channels, dtype=dtype, rngs=rngs)
+        self.to_out = nnx.List([linear(channels, channels, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        tokens = self.group_norm(x).reshape(b, h * w, c)
+        out = scaled_dot_product_attention(
+            self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1, upcast=True
+        )
+        return x + self.to_out[0](out).reshape(b, h, w, c)
+
+
+class GEGLU(nnx.Module):
+    """Gated GELU: proj to 2*dim_out, split, value * gelu(gate) (exact erf GELU, as torch's default)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = linear(dim_in, 2 * dim_out, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., dim_in) -> (..., dim_out)."""
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nnx.Module):
+    """GEGLU feed-forward, inner width 4*dim; `net` indices match diffusers (net.0.proj, net.2)."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), None, linear(inner, dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., dim) -> (..., dim)."""
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-norm self-attention, cross-attention on the text context, and GEGLU feed-forward, each residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int,
+        upcast_attention: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(heads=heads, dim_head=dim_head, upcast_attention=upcast_attention, dtype=dtype, rngs=rngs)
+        self.norm1 = LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(dim, **kw)
+        self.norm2 = LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **kw)
+        self.norm3 = LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: (B, L, dim), context: (B, Lc, cross_attention_dim) -> (B, L, dim)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+    """Spatial transformer: GroupNorm, project in, transformer blocks over H*W tokens, project out, residual.
+
+    Args:
+      in_channels: C of the feature map.
+      heads, dim_head: inner width heads * dim_head.
+      num_layers: transformer blocks.
+      use_linear_projection: proj_in/proj_out as Linear (SD 2.x) instead of 1x1 Conv (SD 1.x).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int,
+        num_layers: int = 1,
+        groups: int = 32,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        inner = heads * dim_head
+        self.norm = GroupNorm(in_channels, groups, eps=1e-6, dtype=dtype, rngs=rngs)
+        if use_linear_projection:
+            self.proj_in = linear(in_channels, inner, dtype=dtype, rngs=rngs)
+        else:
+            self.proj_in = conv2d(in_channels, inner, 1, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List(
+            [
+                BasicTransformerBlock(
+                    inner,
+                    heads=heads,
+                    dim_head=dim_head,
+                    cross_attention_dim=cross_attention_dim,
+                    upcast_attention=upcast_attention,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        if use_linear_projection:
+            self.proj_out = linear(inner, in_channels, dtype=dtype, rngs=rngs)
+        else:
+            self.proj_out = conv2d(inner, in_channels, 1, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: (B, H, W, C), context: (B, Lc, cross_attention_dim) -> (B, H, W, C)."""
+        b, h, w, _ = x.shape
+        # A 1x1 conv and a linear layer act the same on NHWC; only their kernel shapes (checkpoint layout) differ.
+        tokens = self.proj_in(self.norm(x))
+        tokens = tokens.reshape(b, h * w, tokens.shape[-1])
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        out = self.proj_out(tokens.reshape(b, h, w, tokens.shape[-1]))
+        return x + out

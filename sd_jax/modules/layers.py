@@ -1,0 +1,223 @@
+"""Building blocks shared by the U-Net and the VAE: norms, timestep embeddings, resnet blocks, resamplers.
+
+Everything is NHWC. Attribute names follow the diffusers PyTorch modules so checkpoints map 1:1
+(see `sd_jax.convert.params`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation over the last (channel) axis, computed in float32 and cast back.
+
+    Args:
+      num_channels: C, the size of the last axis.
+      num_groups: groups; C must divide evenly.
+      eps: added to the variance.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, *, eps: float, dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, ..., C) -> (B, ..., C), same dtype."""
+        c = x.shape[-1]
+        # float32 statistics: bf16/fp16 sums over H*W*C/G elements lose too many bits.
+        h = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(h, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=(1, 3), keepdims=True)
+        h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        h = h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation over the last axis with affine scale and bias, computed in float32."""
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., D) -> (..., D), same dtype."""
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        h = h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return h.astype(x.dtype)
+
+
+def conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """An NHWC `nnx.Conv` with PyTorch Conv2d semantics (symmetric integer padding, default 'same' for odd kernels)."""
+    pad = (kernel_size - 1) // 2 if padding is None else padding
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    """An `nnx.Linear` whose parameters and compute share one dtype."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM / diffusers.
+
+    Args:
+      timesteps: (B,) any real dtype.
+      dim: embedding width; odd widths are zero-padded by one.
+      flip_sin_to_cos: order the halves [cos, sin] instead of [sin, cos].
+      downscale_freq_shift: frequency i is max_period ** (-i / (dim // 2 - shift)).
+
+    Returns:
+      (B, dim) float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :] * scale
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """MLP on the sinusoidal timestep embedding: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, in_channels) -> (B, time_embed_dim)."""
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nnx.Module):
+    """GroupNorm-SiLU-conv twice, with an optional additive timestep projection and a 1x1 shortcut.
+
+    Args:
+      in_channels, out_channels: channel counts; a 1x1 `conv_shortcut` is added when they differ.
+      temb_channels: width of the timestep embedding, or None (VAE) for no `time_emb_proj`.
+      groups, eps: GroupNorm settings of both norms.
+      output_scale_factor: the sum (shortcut + residual) is divided by this.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        temb_channels: int | None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        output_scale_factor: float = 1.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = GroupNorm(in_channels, groups, eps=eps, dtype=dtype, rngs=rngs)
+        self.conv1 = conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (
+            linear(temb_channels, out_channels, dtype=dtype, rngs=rngs) if temb_channels is not None else None
+        )
+        self.norm2 = GroupNorm(out_channels, groups, eps=eps, dtype=dtype, rngs=rngs)
+        self.conv2 = conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        self.conv_shortcut = (
+            conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+        )
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x: (B, H, W, in_channels), temb: (B, temb_channels) or None -> (B, H, W, out_channels)."""
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            if temb is None:
+                raise ValueError("ResnetBlock2D with time_emb_proj needs a timestep embedding")
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / jnp.asarray(self.output_scale_factor, out.dtype)
+        return out
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 convolution.
+
+    padding=1 pads symmetrically (U-Net); padding=0 pads only bottom/right by one (VAE encoder), as diffusers does,
+    so the two layouts give different (not interchangeable) results.
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None, *, padding: int = 1, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.padding = padding
+        self.conv = conv2d(channels, out_channels or channels, 3, stride=2, padding=padding, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, H, W, C) -> (B, ceil-ish H/2, W/2, C_out)."""
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+    """Nearest-neighbour resize of (B, H, W, C): 2x by default, else to `output_size` with PyTorch 'nearest' indexing."""
+    if output_size is None:
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    out_h, out_w = output_size
+    in_h, in_w = x.shape[1], x.shape[2]
+    # torch 'nearest' picks source index floor(dst * in / out), not the half-pixel centre jax.image.resize uses.
+    rows = (jnp.arange(out_h) * in_h) // out_h
+    cols = (jnp.arange(out_w) * in_w) // out_w
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour 2x upsampling (or to a given size) followed by a 3x3 convolution."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = conv2d(channels, out_channels or channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        """x: (B, H, W, C) -> (B, 2H, 2W, C_out), or (B, *output_size, C_out)."""
+        return self.conv(upsample_nearest(x, output_size))

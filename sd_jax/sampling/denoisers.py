@@ -1,0 +1,44 @@
+"""Wrapping a U-Net into a denoiser `denoise(x, sigma) -> x0`, the one thing samplers see.
+
+The U-Net predicts epsilon or v on variance-preserving latents `x_t = x / sqrt(1 + sigma**2)` at an integer-scale
+timestep; samplers work in k-diffusion's `x = x0 + sigma * eps`. This file converts between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t (B,H,W,C), t scalar) -> eps or v
+Denoiser = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x (B,H,W,C), sigma scalar) -> x0
+
+
+def sigma_to_timestep(sigma: jnp.ndarray, train_sigmas: jnp.ndarray) -> jnp.ndarray:
+    """The (fractional) training timestep of a sigma, interpolated in log-sigma as diffusers' `_sigma_to_t` does.
+
+    A sigma taken from `train_sigmas` itself maps back to its exact integer timestep (the interpolation's offset
+    is exactly zero there), so integer-timestep samplers feed the U-Net the same timesteps as their twins.
+    """
+    log_table = jnp.log(train_sigmas)
+    steps = jnp.arange(train_sigmas.shape[0], dtype=jnp.float32)
+    return jnp.interp(jnp.log(sigma), log_table, steps)
+
+
+def vp_denoiser(model_fn: ModelFn, train_sigmas: jnp.ndarray, prediction_type: str) -> Denoiser:
+    """A denoiser from an epsilon- or v-predicting model trained on the variance-preserving schedule."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+    def denoise(x: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
+        sigma = jnp.asarray(sigma, jnp.float32)
+        scale = jnp.sqrt(sigma**2 + 1.0)
+        t = sigma_to_timestep(sigma, train_sigmas)
+        out = model_fn((x / scale.astype(x.dtype)), t).astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        if prediction_type == "epsilon":
+            return x - sigma * out
+        # x0 = alpha * x_t - sqrt(1 - alpha^2) * v, with alpha = 1 / scale and x_t = x / scale.
+        return x / scale**2 - out * (sigma / scale)
+
+    return denoise

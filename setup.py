@@ -1,0 +1,37 @@
+"""sd_jax: Stable Diffusion in JAX/Flax for TPU, GPU and CPU."""
+
+from setuptools import setup
+
+setup(
+    name="sd_jax",
+    version="0.1.0",
+    description="Stable Diffusion in JAX/Flax: PyTorch checkpoint conversion, jitted sampling over every device.",
+    python_requires=">=3.10",
+    packages=["sd_jax", "sd_jax.modules", "sd_jax.sampling", "sd_jax.convert", "sd_jax.configs"],
+    # The named model presets live in the repository's configs/ folder and install as sd_jax.configs.
+    package_dir={"sd_jax.configs": "configs"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "absl-py>=2.0",
+        "safetensors>=0.5",
+        "transformers>=5.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "cuda": ["jax[cuda13]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
+        # Reading pickled .ckpt files (torch.load with weights_only=True never runs code from the file).
+        "torch": ["torch==2.13.0"],
+        "test": [
+            "pytest>=8.0",
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers>=5.0",
+            "ruff>=0.8",
+        ],
+    },
+)

@@ -1,0 +1,19 @@
+"""Test setup: several forced CPU devices, strict dtype promotion, exact float32 matmuls, a `key` fixture."""
+
+import os
+
+# Sharding tests need several devices; this must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", os.environ.get("SD_JAX_TEST_PLATFORM", "cpu"))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Parity with PyTorch float32 needs full-precision matmuls on GPU and TPU (no TF32 / bf16 passes).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
