@@ -1,6 +1,6 @@
 """Stable Diffusion 1.5 (and 1.x): CLIP ViT-L/14 text encoder, 860M-parameter U-Net, epsilon prediction.
 
-    python scripts/convert.py --checkpoint=v1-5-pruned-emaonly.safetensors --model_type=sd15 --output=models/sd15
+python scripts/convert.py --checkpoint=v1-5-pruned-emaonly.safetensors --model_type=sd15 --output=models/sd15
 """
 
 from sd_jax.config import SD1_PAD_TOKEN, SD_SCHEDULER, ModelConfig

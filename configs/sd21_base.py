@@ -1,6 +1,6 @@
 """Stable Diffusion 2.1 base (512 px): OpenCLIP ViT-H/14 text encoder (penultimate layer), epsilon prediction.
 
-    python scripts/convert.py --checkpoint=v2-1_512-ema-pruned.safetensors --model_type=sd21_base --output=models/sd21b
+python scripts/convert.py --checkpoint=v2-1_512-ema-pruned.safetensors --model_type=sd21_base --output=models/sd21b
 """
 
 from sd_jax.config import SD2_PAD_TOKEN, SD_SCHEDULER, ModelConfig

@@ -1,7 +1,7 @@
 """Converts a PyTorch Stable Diffusion checkpoint into an sd_jax folder.
 
-    python scripts/convert.py --checkpoint=v1-5-pruned-emaonly.safetensors --output=models/sd15
-    python scripts/convert.py --checkpoint=path/to/diffusers_folder --output=models/sd21 --dtype=bfloat16
+python scripts/convert.py --checkpoint=v1-5-pruned-emaonly.safetensors --output=models/sd15
+python scripts/convert.py --checkpoint=path/to/diffusers_folder --output=models/sd21 --dtype=bfloat16
 """
 
 import sys
@@ -21,6 +21,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from sd_jax.cli import quiet_logs
+
+    quiet_logs()
     from sd_jax.cli import run_or_exit
     from sd_jax.convert.convert import convert
 

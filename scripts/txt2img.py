@@ -1,7 +1,7 @@
 """Generates images from text and writes them as PNGs.
 
-    python scripts/txt2img.py --model=models/sd15 --prompt="a photo of a cat" --steps=30 --num_images=4
-    python scripts/txt2img.py --prompt="a photo of a cat"    # no --model: a tiny untrained model (noise images)
+python scripts/txt2img.py --model=models/sd15 --prompt="a photo of a cat" --steps=30 --num_images=4
+python scripts/txt2img.py --prompt="a photo of a cat"    # no --model: a tiny untrained model (noise images)
 """
 
 import sys
@@ -30,6 +30,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from sd_jax.cli import quiet_logs
+
+    quiet_logs()
     from sd_jax.cli import generate_to_pngs
 
     for path in generate_to_pngs(FLAGS):

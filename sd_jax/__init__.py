@@ -1,7 +1,7 @@
 """sd_jax: Stable Diffusion in JAX/Flax.
 
-    pipe = sd_jax.load("models/sd15")          # converted folder, diffusers folder or single file
-    images = pipe.txt2img("a photo of a cat", steps=30, seed=1)
+pipe = sd_jax.load("models/sd15")          # converted folder, diffusers folder or single file
+images = pipe.txt2img("a photo of a cat", steps=30, seed=1)
 """
 
 from sd_jax.loading import LoadError, load

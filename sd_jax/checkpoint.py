@@ -25,7 +25,7 @@ from safetensors.flax import load_file, save_file
 
 from sd_jax.config import ModelConfig
 from sd_jax.convert.params import ConversionError, state_from_flat, state_to_flat
-from sd_jax.models import COMPONENTS, abstract_components, dtype_name
+from sd_jax.models import COMPONENTS, abstract_components
 
 FORMAT = "sd_jax"
 VERSION = 1

@@ -33,6 +33,17 @@ def run_or_exit(fn, *args, **kwargs):
         sys.exit(1)
 
 
+def _raise(error: Exception):
+    raise error
+
+
+def quiet_logs() -> None:
+    """Keeps absl's INFO chatter (e.g. JAX probing for a TPU) off a script's stderr."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
 def generate_to_pngs(flags_) -> list:
     """The txt2img script's work: load, generate with a progress bar, save; user errors exit with one line."""
     from tqdm import tqdm
@@ -40,6 +51,10 @@ def generate_to_pngs(flags_) -> list:
     from sd_jax.images import save_pngs
     from sd_jax.loading import load
 
+    if flags_.height % 8 or flags_.width % 8 or flags_.height <= 0 or flags_.width <= 0:
+        run_or_exit(
+            _raise, ValueError(f"height and width must be positive multiples of 8, got {flags_.height}x{flags_.width}")
+        )
     if flags_.model is None:
         print(
             "no --model given: using the tiny random-weight model (sd_jax ships no trained weights), "

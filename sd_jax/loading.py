@@ -29,7 +29,12 @@ _FAMILY = {
     "sd21_768_v": "sd2",
     "sd21_inpainting": "sd2_inpainting",
 }
-_DETECTED = {"sd1": "sd15", "sd1_inpainting": "sd15_inpainting", "sd2": "sd21_base", "sd2_inpainting": "sd21_inpainting"}
+_DETECTED = {
+    "sd1": "sd15",
+    "sd1_inpainting": "sd15_inpainting",
+    "sd2": "sd21_base",
+    "sd2_inpainting": "sd21_inpainting",
+}
 
 # Weight file names inside a diffusers component folder, in order of preference.
 _WEIGHT_FILES = {
@@ -93,9 +98,20 @@ def convert_diffusers_folder(path: Path, dtype) -> tuple[ModelConfig, dict[str, 
 
 
 def convert_single_file(
-    path: Path, dtype, *, model_type: str = "auto", bpe_vocab: str | None = None, use_ema: bool = True, log=print
+    path: Path,
+    dtype,
+    *,
+    model_type: str = "auto",
+    bpe_vocab: str | None = None,
+    use_ema: bool = True,
+    overrides: dict | None = None,
+    log=print,
 ) -> tuple[ModelConfig, dict[str, nnx.State], object]:
-    """Reads an original Stable Diffusion single file (`.safetensors` or `.ckpt`)."""
+    """Reads an original Stable Diffusion single file (`.safetensors` or `.ckpt`).
+
+    Sizes come from the tensor shapes; what shapes cannot tell (head counts) is the standard Stable Diffusion
+    choice unless `overrides` ({"unet": {...}, "text_encoder": {...}, "vae": {...}} config entries) says otherwise.
+    """
     if model_type not in MODEL_TYPES:
         raise LoadError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     state_dict = read_state_dict(path)
@@ -111,7 +127,9 @@ def convert_single_file(
         raise LoadError(f"{path}: --model_type={model_type} expects a {_FAMILY[model_type]} checkpoint, found {family}")
     components = single_file.split_original(state_dict, family, use_ema=use_ema)
     del state_dict
-    overrides = {"unet": {"sample_size": 96}} if model_type == "sd21_768_v" else None
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    if model_type == "sd21_768_v":
+        overrides.setdefault("unet", {}).setdefault("sample_size", 96)
     configs = single_file.infer_configs(components, family, overrides=overrides)
     scheduler = dict(preset(model_type).scheduler) if model_type != "sd21_inpainting" else dict(SD_SCHEDULER)
     pad_token = SD2_PAD_TOKEN if family.startswith("sd2") else SD1_PAD_TOKEN
@@ -142,6 +160,7 @@ def load_components(
     model_type: str = "auto",
     bpe_vocab: str | None = None,
     use_ema: bool = True,
+    overrides: dict | None = None,
     log=print,
 ) -> tuple[ModelConfig, dict[str, nnx.State], object]:
     """(config, parameter states, tokenizer) of a model path; see `load`."""
@@ -161,7 +180,9 @@ def load_components(
             if (path / "model_index.json").is_file() or (path / "unet").is_dir():
                 return convert_diffusers_folder(path, dtype)
             raise LoadError(f"{path}: neither a converted sd_jax folder nor a diffusers folder (no model_index.json)")
-        return convert_single_file(path, dtype, model_type=model_type, bpe_vocab=bpe_vocab, use_ema=use_ema, log=log)
+        return convert_single_file(
+            path, dtype, model_type=model_type, bpe_vocab=bpe_vocab, use_ema=use_ema, overrides=overrides, log=log
+        )
     except (ConversionError, CheckpointError, LoadError):
         raise
     except (KeyError, TypeError) as e:
@@ -175,16 +196,17 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
       path: a converted sd_jax folder, a diffusers folder, an original single file (`.safetensors` / `.ckpt`,
         converted in memory), or None for the tiny random-weight model (no trained weights ship with sd_jax).
       dtype: "float32", "bfloat16" or "float16": the parameter and compute dtype.
-      **kwargs: `model_type`, `bpe_vocab`, `use_ema` for single files (see `load_components`); `mesh`.
+      **kwargs: `model_type`, `bpe_vocab`, `use_ema`, `overrides` for single files (see `convert_single_file`);
+        `mesh` (default: all local devices) and `micro_batch` for the pipeline.
 
     Returns:
       A `StableDiffusionPipeline`.
     """
     from sd_jax.pipeline import StableDiffusionPipeline
 
-    mesh = kwargs.pop("mesh", None)
+    pipeline_kwargs = {k: kwargs.pop(k) for k in ("mesh", "micro_batch") if k in kwargs}
     config, states, tokenizer = load_components(path, dtype, **kwargs)
-    return StableDiffusionPipeline(config, states, tokenizer, dtype=resolve_dtype(dtype), mesh=mesh)
+    return StableDiffusionPipeline(config, states, tokenizer, dtype=resolve_dtype(dtype), **pipeline_kwargs)
 
 
 __all__ = ["load", "load_components", "LoadError", "MODEL_TYPES"]

@@ -87,7 +87,7 @@ def test_parity_with_transformers(cfg):
     np.testing.assert_allclose(np.asarray(skip2), ref_skip2, rtol=RTOL, atol=ATOL)
     hidden = model.hidden_states(jnp.asarray(ids))
     assert len(hidden) == len(ref_hidden) == cfg["num_hidden_layers"] + 1
-    for ours, ref in zip(hidden, ref_hidden):
+    for ours, ref in zip(hidden, ref_hidden, strict=False):
         # Pre-norm residual streams grow with depth; compare relative to each state's scale.
         assert max_rel_err(ours, ref) < 1e-5
     print(

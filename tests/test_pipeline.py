@@ -80,3 +80,13 @@ def test_same_images_on_one_and_four_devices(model_pair):
     four = [np.asarray(im) for im in pipe.txt2img("a cat", **kwargs)]
     one = [np.asarray(im) for im in single.txt2img("a cat", **kwargs)]
     np.testing.assert_array_equal(np.stack(four), np.stack(one))
+
+
+def test_steps_guidance_and_eta_do_not_recompile(model_pair):
+    _, _, pipe = model_pair
+    kwargs = dict(height=32, width=32, seed=1)
+    pipe.txt2img("a cat", steps=3, **kwargs)
+    compiled = pipe._generate._cache_size()
+    pipe.txt2img("a cat", steps=5, guidance_scale=3.0, **kwargs)
+    pipe.txt2img("a cat", steps=4, guidance_scale=1.0, eta=0.5, **kwargs)
+    assert pipe._generate._cache_size() == compiled

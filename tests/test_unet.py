@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from sd_jax.convert.params import abstract_model, state_from_torch
+from sd_jax.convert.params import abstract_model, state_from_torch, torch_name, torch_to_flax_layout
 from sd_jax.modules.unet import UNet2DConditionModel, UNetConfig
 
 SMALL = dict(
@@ -31,6 +31,12 @@ SD2_SMALL = UNetConfig(
     transformer_layers_per_block=2,
 )
 INPAINT_SMALL = dataclasses.replace(SD1_SMALL, in_channels=9)
+TWO_LEVEL = UNetConfig(
+    **SMALL | dict(block_out_channels=(32, 64)),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+)
 
 # float32 on both sides with exact matmuls: the only differences are summation order (conv/matmul/softmax
 # reassociation), ~1e-6 relative per layer, growing to a few 1e-6..1e-5 through ~50 layers. 1e-4 of the output
@@ -112,12 +118,7 @@ def test_parity_with_diffusers(config, size):
 
 def test_eager_matches_diffusers():
     """Without jit, on a two-level U-Net (eager cost grows with the number of distinct ops, not their size)."""
-    config = UNetConfig(
-        **SMALL | dict(block_out_channels=(32, 64)),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2,
-    )
+    config = TWO_LEVEL
     torch_model, model = make_pair(config, seed=3)
     sample, timesteps, context = inputs(config, size=(8, 8))
     ref = torch_forward(torch_model, sample, timesteps, context)
@@ -128,11 +129,11 @@ def test_eager_matches_diffusers():
 
 
 def test_bfloat16_runs_close_to_float32():
-    torch_model, model32 = make_pair(SD1_SMALL)
-    graphdef, abstract = abstract_model(lambda: UNet2DConditionModel(SD1_SMALL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    torch_model, model32 = make_pair(TWO_LEVEL)
+    graphdef, abstract = abstract_model(lambda: UNet2DConditionModel(TWO_LEVEL, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     model16 = nnx.merge(graphdef, state_from_torch(abstract, sd, dtype=jnp.bfloat16))
-    sample, timesteps, context = inputs(SD1_SMALL)
+    sample, timesteps, context = inputs(TWO_LEVEL)
     out32 = run(model32, sample, timesteps, context)
     out16 = run(model16, sample, timesteps, context)
     assert out16.dtype == jnp.float32  # returned in the dtype of `sample`
@@ -175,6 +176,29 @@ def test_unsupported_config_raises(key, value):
     config = diffusers_model_config(SD1_SMALL.to_dict())
     with pytest.raises(ValueError, match=key if key != "down_block_types" else "SimpleCrossAttnDownBlock2D"):
         UNetConfig.from_dict(config | {key: value})
+
+
+def test_full_size_sd21_matches_diffusers_keys_and_shapes():
+    """SD 2.1 (768-v) layout: every diffusers key and shape, checked without allocating any weights."""
+    sd21 = dict(
+        sample_size=96,
+        attention_head_dim=[5, 10, 20, 20],
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+    config = UNetConfig.from_dict(diffusers_model_config(UNetConfig().to_dict() | sd21))
+    with torch.device("meta"):
+        torch_model = diffusers.UNet2DConditionModel(**config.to_dict())
+    # The layout transform applied to zero-stride views: shapes without allocating anything.
+    expected = {
+        k: torch_to_flax_layout("kernel" if v.ndim in (2, 4) else "bias", np.broadcast_to(np.float32(0), v.shape)).shape
+        for k, v in torch_model.state_dict().items()
+    }
+    _, abstract = abstract_model(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0)))
+    ours = {torch_name(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract)}
+    assert ours == expected
+    assert sum(np.prod(s) for s in ours.values()) == sum(p.numel() for p in torch_model.parameters())
 
 
 def test_full_size_sd15_parity():

@@ -91,8 +91,13 @@ def test_encode_decode_parity(config):
 
 
 def test_eager_matches_diffusers():
-    config = VAEConfig(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
+    config = VAEConfig(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
     torch_model, model = make_pair(config, seed=2)
     images = np.random.default_rng(2).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():

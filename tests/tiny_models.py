@@ -26,13 +26,25 @@ def tiny_config(kind: str = "sd1") -> ModelConfig:
     if kind == "sd1_inpainting":
         return dataclasses.replace(config, name="tiny_inpainting", unet=dataclasses.replace(config.unet, in_channels=9))
     if kind == "sd2_v":
-        text = dataclasses.replace(config.text_encoder, hidden_act="gelu", hidden_size=64, num_attention_heads=4,
-                                   intermediate_size=128, pad_token_id=0)
-        unet = dataclasses.replace(config.unet, cross_attention_dim=64, attention_head_dim=(2, 4),
-                                   use_linear_projection=True, upcast_attention=True)
+        text = dataclasses.replace(
+            config.text_encoder,
+            hidden_act="gelu",
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            pad_token_id=0,
+        )
+        unet = dataclasses.replace(
+            config.unet,
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+        )
         scheduler = {**config.scheduler, "prediction_type": "v_prediction"}
-        return dataclasses.replace(config, name="tiny_sd2_v", text_encoder=text, unet=unet, scheduler=scheduler,
-                                   pad_token=SD2_PAD_TOKEN)
+        return dataclasses.replace(
+            config, name="tiny_sd2_v", text_encoder=text, unet=unet, scheduler=scheduler, pad_token=SD2_PAD_TOKEN
+        )
     raise ValueError(kind)
 
 
@@ -98,5 +110,12 @@ def save_diffusers_pipeline(config: ModelConfig, folder: Path, seed: int = 0):
     return pipe
 
 
-__all__ = ["tiny_config", "randomize_", "torch_components", "diffusers_pipeline", "save_diffusers_pipeline",
-           "CLIPTextConfig", "UNetConfig"]
+__all__ = [
+    "tiny_config",
+    "randomize_",
+    "torch_components",
+    "diffusers_pipeline",
+    "save_diffusers_pipeline",
+    "CLIPTextConfig",
+    "UNetConfig",
+]

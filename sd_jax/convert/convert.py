@@ -20,6 +20,7 @@ def convert(
     bpe_vocab: str | None = None,
     use_ema: bool = True,
     overwrite: bool = False,
+    overrides: dict | None = None,
     log=print,
 ) -> Path:
     """Converts a diffusers folder or an original single file into a converted folder at `output`.
@@ -31,7 +32,7 @@ def convert(
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; choose another --output or remove it")
     config, states, tokenizer = load_components(
-        source, dtype, model_type=model_type, bpe_vocab=bpe_vocab, use_ema=use_ema, log=log
+        source, dtype, model_type=model_type, bpe_vocab=bpe_vocab, use_ema=use_ema, overrides=overrides, log=log
     )
     states = jax.device_get(states)
     return checkpoint.save_converted(output, config, states, tokenizer, overwrite=overwrite)

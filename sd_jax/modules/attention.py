@@ -120,7 +120,9 @@ class FeedForward(nnx.Module):
 
     def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
         inner = dim * mult
-        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), None, linear(inner, dim, dtype=dtype, rngs=rngs)])
+        self.net = nnx.List(
+            [GEGLU(dim, inner, dtype=dtype, rngs=rngs), None, linear(inner, dim, dtype=dtype, rngs=rngs)]
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., dim) -> (..., dim)."""

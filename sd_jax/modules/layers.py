@@ -188,8 +188,9 @@ class Downsample2D(nnx.Module):
     so the two layouts give different (not interchangeable) results.
     """
 
-    def __init__(self, channels: int, out_channels: int | None = None, *, padding: int = 1, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, channels: int, out_channels: int | None = None, *, padding: int = 1, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         self.padding = padding
         self.conv = conv2d(channels, out_channels or channels, 3, stride=2, padding=padding, dtype=dtype, rngs=rngs)
 
@@ -201,7 +202,7 @@ class Downsample2D(nnx.Module):
 
 
 def upsample_nearest(x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
-    """Nearest-neighbour resize of (B, H, W, C): 2x by default, else to `output_size` with PyTorch 'nearest' indexing."""
+    """Nearest-neighbour resize of (B, H, W, C): 2x, or to `output_size` with PyTorch 'nearest' indexing."""
     if output_size is None:
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     out_h, out_w = output_size

@@ -145,7 +145,7 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig: unsupported up block type {t!r} (supported: {_UP_BLOCKS})")
         if not isinstance(self.cross_attention_dim, int):
             raise ValueError("UNetConfig: only one cross_attention_dim for all blocks is supported")
-        for heads, channels in zip(self.heads, self.block_out_channels):
+        for heads, channels in zip(self.heads, self.block_out_channels, strict=True):
             if channels % heads:
                 raise ValueError(f"UNetConfig: {channels} channels do not split into {heads} heads")
         _per_block(self.layers_per_block, n, "layers_per_block")
@@ -314,9 +314,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(temb_channels=temb_channels, groups=groups, eps=eps, output_scale_factor=output_scale_factor)
-        self.resnets = nnx.List(
-            [ResnetBlock2D(channels, channels, dtype=dtype, rngs=rngs, **kw) for _ in range(2)]
-        )
+        self.resnets = nnx.List([ResnetBlock2D(channels, channels, dtype=dtype, rngs=rngs, **kw) for _ in range(2)])
         self.attentions = nnx.List(
             [Transformer2DModel(channels, groups=groups, dtype=dtype, rngs=rngs, **cross_attention)]
         )

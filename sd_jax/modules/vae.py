@@ -90,12 +90,28 @@ class VAEMidBlock(nnx.Module):
 class EncoderBlock(nnx.Module):
     """diffusers DownEncoderBlock2D: resnets, then a stride-2 conv with bottom/right padding."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, add_downsample: bool,
-                 dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_downsample: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.resnets = nnx.List(
             [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                              groups=groups, eps=_VAE_EPS, dtype=dtype, rngs=rngs)
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=None,
+                    groups=groups,
+                    eps=_VAE_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
                 for i in range(num_layers)
             ]
         )
@@ -115,12 +131,28 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
     """diffusers UpDecoderBlock2D: resnets, then nearest 2x upsampling and a conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, groups: int, add_upsample: bool,
-                 dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        groups: int,
+        add_upsample: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.resnets = nnx.List(
             [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                              groups=groups, eps=_VAE_EPS, dtype=dtype, rngs=rngs)
+                ResnetBlock2D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    temb_channels=None,
+                    groups=groups,
+                    eps=_VAE_EPS,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
                 for i in range(num_layers)
             ]
         )
@@ -143,13 +175,21 @@ class Encoder(nnx.Module):
         self.conv_in = conv2d(c.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
         self.down_blocks = nnx.List(
             [
-                EncoderBlock(ch[max(i - 1, 0)], ch[i], num_layers=c.layers_per_block, groups=groups,
-                             add_downsample=i < n - 1, dtype=dtype, rngs=rngs)
+                EncoderBlock(
+                    ch[max(i - 1, 0)],
+                    ch[i],
+                    num_layers=c.layers_per_block,
+                    groups=groups,
+                    add_downsample=i < n - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
                 for i in range(n)
             ]
         )
-        self.mid_block = VAEMidBlock(ch[-1], groups=groups, add_attention=c.mid_block_add_attention, dtype=dtype,
-                                     rngs=rngs)
+        self.mid_block = VAEMidBlock(
+            ch[-1], groups=groups, add_attention=c.mid_block_add_attention, dtype=dtype, rngs=rngs
+        )
         self.conv_norm_out = GroupNorm(ch[-1], groups, eps=_VAE_EPS, dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(ch[-1], 2 * c.latent_channels, 3, dtype=dtype, rngs=rngs)
 
@@ -168,12 +208,20 @@ class Decoder(nnx.Module):
     def __init__(self, c: VAEConfig, *, dtype, rngs: nnx.Rngs):
         rev, groups, n = c.block_out_channels[::-1], c.norm_num_groups, len(c.block_out_channels)
         self.conv_in = conv2d(c.latent_channels, rev[0], 3, dtype=dtype, rngs=rngs)
-        self.mid_block = VAEMidBlock(rev[0], groups=groups, add_attention=c.mid_block_add_attention, dtype=dtype,
-                                     rngs=rngs)
+        self.mid_block = VAEMidBlock(
+            rev[0], groups=groups, add_attention=c.mid_block_add_attention, dtype=dtype, rngs=rngs
+        )
         self.up_blocks = nnx.List(
             [
-                DecoderBlock(rev[max(i - 1, 0)], rev[i], num_layers=c.layers_per_block + 1, groups=groups,
-                             add_upsample=i < n - 1, dtype=dtype, rngs=rngs)
+                DecoderBlock(
+                    rev[max(i - 1, 0)],
+                    rev[i],
+                    num_layers=c.layers_per_block + 1,
+                    groups=groups,
+                    add_upsample=i < n - 1,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
                 for i in range(n)
             ]
         )
