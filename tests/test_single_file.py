@@ -2,19 +2,16 @@
 
 import os
 
+import diffusers
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-# tests/ is on sys.path under pytest (rootdir conftest, no package), so the helper imports by its module name.
-from single_file_writer import original_state_dict, write_original_single_file  # noqa: E402
-
-from sd_jax.convert.single_file import detect_model_type, infer_configs, split_original  # noqa: E402
-from sd_jax.convert.torch_files import CheckpointError, read_state_dict  # noqa: E402
+from sd_jax.convert.single_file import detect_model_type, infer_configs, split_original
+from sd_jax.convert.torch_files import CheckpointError, read_state_dict
+from tests.single_file_writer import original_state_dict, write_original_single_file
 
 # Tiny heads: shapes cannot tell head counts, so tiny models pass them as overrides.
 UNET_HEADS = {"sd1": 8, "sd2": [2, 2, 4, 4]}
