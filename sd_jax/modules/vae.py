@@ -87,6 +87,24 @@ class VAEMidBlock(nnx.Module):
         return self.resnets[1](x)
 
 
+def _resnets(in_channels: int, out_channels: int, num_layers: int, *, groups: int, dtype, rngs) -> nnx.List:
+    """A VAE block's resnets (no time embedding): the first maps in_channels to out_channels."""
+    return nnx.List(
+        [
+            ResnetBlock2D(
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                temb_channels=None,
+                groups=groups,
+                eps=_VAE_EPS,
+                dtype=dtype,
+                rngs=rngs,
+            )
+            for i in range(num_layers)
+        ]
+    )
+
+
 class EncoderBlock(nnx.Module):
     """diffusers DownEncoderBlock2D: resnets, then a stride-2 conv with bottom/right padding."""
 
@@ -101,20 +119,7 @@ class EncoderBlock(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=groups,
-                    eps=_VAE_EPS,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups=groups, dtype=dtype, rngs=rngs)
         self.downsamplers = (
             nnx.List([Downsample2D(out_channels, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
         )
@@ -142,20 +147,7 @@ class DecoderBlock(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
-        self.resnets = nnx.List(
-            [
-                ResnetBlock2D(
-                    in_channels if i == 0 else out_channels,
-                    out_channels,
-                    temb_channels=None,
-                    groups=groups,
-                    eps=_VAE_EPS,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups=groups, dtype=dtype, rngs=rngs)
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
