@@ -40,6 +40,7 @@ class LoopData:
 
     sigmas: jnp.ndarray  # (max_steps + 1,)
     sigmas_next: jnp.ndarray  # (max_steps,)
+    timesteps: jnp.ndarray  # (max_steps,) the U-Net timestep of each of the schedule's sigmas
     train_sigmas: jnp.ndarray  # (num_train_timesteps,)
     num_steps: jnp.ndarray  # () int32
     guidance_scale: jnp.ndarray  # () float32
@@ -69,7 +70,9 @@ def _sample_and_decode(unet, vae, noise, context, keys, data: LoopData, static: 
         return unet(x_t.astype(dtype), t, c)
 
     guided = classifier_free_guidance(unet_fn, context, data.guidance_scale)
-    denoise = vp_denoiser(guided, data.train_sigmas, static.prediction_type)
+    denoise = vp_denoiser(
+        guided, data.train_sigmas, static.prediction_type, sigmas=data.sigmas, timesteps=data.timesteps
+    )
     if static.progress is not None:
         inner = denoise
 
@@ -273,6 +276,7 @@ class StableDiffusionPipeline:
         data = LoopData(
             sigmas=schedule_data.sigmas,
             sigmas_next=schedule_data.sigmas_next,
+            timesteps=schedule_data.timesteps,
             train_sigmas=schedule_data.train_sigmas,
             num_steps=np.int32(steps),
             guidance_scale=np.float32(guidance_scale),

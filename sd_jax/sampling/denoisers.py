@@ -25,15 +25,43 @@ def sigma_to_timestep(sigma: jnp.ndarray, train_sigmas: jnp.ndarray) -> jnp.ndar
     return jnp.interp(jnp.log(sigma), log_table, steps)
 
 
-def vp_denoiser(model_fn: ModelFn, train_sigmas: jnp.ndarray, prediction_type: str) -> Denoiser:
-    """A denoiser from an epsilon- or v-predicting model trained on the variance-preserving schedule."""
+def lookup_timestep(
+    sigma: jnp.ndarray, train_sigmas: jnp.ndarray, sigmas: jnp.ndarray | None, timesteps: jnp.ndarray | None
+) -> jnp.ndarray:
+    """The U-Net timestep of `sigma`: the schedule's own timestep where sigma is one of the schedule's sigmas (twins
+    such as diffusers' Euler feed fractional timesteps that log-sigma interpolation would not give back exactly),
+    else `sigma_to_timestep` (midpoint sigmas of DPM2 and the like, as their twins compute them)."""
+    t = sigma_to_timestep(sigma, train_sigmas)
+    if sigmas is None:
+        return t
+    n = timesteps.shape[0]
+    hits = sigmas[:n] == sigma
+    return jnp.where(jnp.any(hits), timesteps[jnp.argmax(hits)], t)
+
+
+def vp_denoiser(
+    model_fn: ModelFn,
+    train_sigmas: jnp.ndarray,
+    prediction_type: str,
+    *,
+    sigmas: jnp.ndarray | None = None,
+    timesteps: jnp.ndarray | None = None,
+) -> Denoiser:
+    """A denoiser from an epsilon- or v-predicting model trained on the variance-preserving schedule.
+
+    Args:
+      model_fn: `(x_t, t) -> eps or v`.
+      train_sigmas: (num_train_timesteps,) the training sigmas, for sigma -> timestep.
+      prediction_type: "epsilon" or "v_prediction".
+      sigmas, timesteps: optional schedule table (max_steps + 1,), (max_steps,): the exact timesteps of its sigmas.
+    """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
     def denoise(x: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
         sigma = jnp.asarray(sigma, jnp.float32)
         scale = jnp.sqrt(sigma**2 + 1.0)
-        t = sigma_to_timestep(sigma, train_sigmas)
+        t = lookup_timestep(sigma, train_sigmas, sigmas, timesteps)
         out = model_fn((x / scale.astype(x.dtype)), t).astype(jnp.float32)
         x = x.astype(jnp.float32)
         if prediction_type == "epsilon":

@@ -1,28 +1,52 @@
-"""The sampler registry: each name with its schedule, its loop, its cost per step and its diffusers twin."""
+"""The sampler registry: each name with its schedule, its loop, its cost per step and its diffusers twin.
+
+A sampler is a pure function `sample(denoise, x, sigmas, *, num_steps, keys=None, python_loop=False, **options)`
+over a denoiser `denoise(x, sigma) -> x0`. `sigmas` is padded to a fixed length and `num_steps` may be traced,
+so the step count is data. `keys` (B,) are per-image PRNG keys for the samplers that draw noise.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 
 from sd_jax.sampling import schedules
 from sd_jax.sampling.ddim import sample_ddim
 
-SCHEDULE_TYPES = ("default",)
+SCHEDULE_TYPES = ("default", "karras", "exponential")
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
+    """A registered sampler.
+
+    Attributes:
+      name: the `sampler=` value.
+      sample: the loop (see the module docstring).
+      make_schedule: `(scheduler_config, steps, max_steps, schedule_type) -> Schedule`, as the twin computes it.
+      calls_per_step: denoiser (U-Net) evaluations per step.
+      twin: the diffusers scheduler it matches (with its settings), or what it is compared with.
+      stochastic: draws noise (needs keys).
+    """
+
     name: str
     sample: Callable
-    make_schedule: Callable[[Mapping, int, int], schedules.Schedule]
+    make_schedule: Callable[[Mapping, int, int, str], schedules.Schedule]
     calls_per_step: int
     twin: str
+    stochastic: bool = False
 
 
-SAMPLERS = {
-    "ddim": Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler"),
-}
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register(sampler: Sampler) -> Sampler:
+    SAMPLERS[sampler.name] = sampler
+    return sampler
+
+
+register(Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler (eta=0)"))
 
 
 def check(sampler: str, schedule: str) -> None:
@@ -37,9 +61,11 @@ def schedule(sampler: str, schedule_type: str, scheduler_config: Mapping, steps:
     """The schedule a sampler walks for `steps` steps, padded to the training length so steps stay data."""
     check(sampler, schedule_type)
     max_steps = schedules.scheduler_settings(scheduler_config)["num_train_timesteps"]
-    return SAMPLERS[sampler].make_schedule(scheduler_config, steps, max_steps)
+    return SAMPLERS[sampler].make_schedule(scheduler_config, steps, max_steps, schedule_type)
 
 
 def run(sampler: str, denoise, x, **kwargs):
-    """Runs a registered sampler's loop (inside the caller's jit)."""
-    return SAMPLERS[sampler].sample(denoise, x, **kwargs)
+    """Runs a registered sampler's loop (inside the caller's jit), passing only the options it takes."""
+    fn = SAMPLERS[sampler].sample
+    accepted = inspect.signature(fn).parameters
+    return fn(denoise, x, **{k: v for k, v in kwargs.items() if k in accepted})

@@ -104,6 +104,23 @@ def spaced_timesteps(config: Mapping, num_steps: int) -> np.ndarray:
     return np.round(np.arange(n_train, 0, -ratio)).astype(np.int64) - 1
 
 
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, evenly spaced in sigma**(1/rho) (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, evenly spaced in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def timesteps_of_sigmas(sigmas: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of sigmas by log-sigma interpolation (diffusers' `_sigma_to_t`), float64."""
+    return np.interp(np.log(np.maximum(sigmas, 1e-10)), np.log(train_sigmas), np.arange(len(train_sigmas)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """What one sampling call walks through, padded to a fixed length so that step counts are data.
@@ -136,16 +153,50 @@ def _pad(values: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([values, np.full(length - len(values), values[-1], dtype=np.float32)])
 
 
-def ddim_schedule(config: Mapping, num_steps: int, max_steps: int | None = None) -> Schedule:
+def pad_schedule(
+    sigmas: np.ndarray,
+    timesteps: np.ndarray,
+    train_sigmas: np.ndarray,
+    max_steps: int,
+    *,
+    init_scale: float,
+    sigmas_next: np.ndarray | None = None,
+) -> Schedule:
+    """A Schedule from (n + 1,) sigmas and (n,) timesteps, padded to max_steps; final_scale from sigmas[n]."""
+    n = len(sigmas) - 1
+    if len(timesteps) != n:
+        raise ValueError(f"{len(timesteps)} timesteps for {n} steps")
+    sigmas_next = sigmas[1:] if sigmas_next is None else sigmas_next
+    return Schedule(
+        sigmas=_pad(sigmas, max_steps + 1),
+        sigmas_next=_pad(sigmas_next, max_steps),
+        timesteps=_pad(np.asarray(timesteps, np.float64), max_steps),
+        num_steps=n,
+        train_sigmas=np.asarray(train_sigmas, np.float32),
+        init_scale=float(init_scale),
+        final_scale=float(1.0 / np.sqrt(1.0 + float(sigmas[-1]) ** 2)),
+    )
+
+
+def ddim_schedule(
+    config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
+) -> Schedule:
     """The schedule of diffusers' `DDIMScheduler.from_config(config)` for `num_steps` steps.
 
     DDIM steps from timestep t to t - num_train_timesteps // num_steps (or to the final alpha: 1 when
-    set_alpha_to_one, else alphas_cumprod[0]); with leading spacing that is the next timestep.
+    set_alpha_to_one, else alphas_cumprod[0]); with leading spacing that is the next timestep. DDIMScheduler has
+    no karras or exponential spacing; for those, DDIM walks the spaced sigmas of the training range down to 0.
     """
     s = scheduler_settings(config)
     max_steps = max(max_steps or num_steps, num_steps)
     acp = alphas_cumprod(config)
     train_sigmas = sigmas_from_alphas_cumprod(acp)
+    if schedule_type != "default":
+        spaced = {"karras": sigmas_karras, "exponential": sigmas_exponential}[schedule_type]
+        sigmas = spaced(num_steps, train_sigmas[0], train_sigmas[-1])
+        timesteps = timesteps_of_sigmas(sigmas, train_sigmas)
+        sigmas = np.concatenate([sigmas, [0.0]])
+        return pad_schedule(sigmas, timesteps, train_sigmas, max_steps, init_scale=np.sqrt(1.0 + sigmas[0] ** 2))
     timesteps = spaced_timesteps(config, num_steps)
     prev = timesteps - s["num_train_timesteps"] // num_steps
     final_acp = 1.0 if s["set_alpha_to_one"] else acp[0]
@@ -155,7 +206,7 @@ def ddim_schedule(config: Mapping, num_steps: int, max_steps: int | None = None)
     return Schedule(
         sigmas=_pad(sigmas, max_steps + 1),
         sigmas_next=_pad(sigmas_next, max_steps),
-        timesteps=_pad(timesteps.astype(np.float32), max_steps),
+        timesteps=_pad(timesteps.astype(np.float64), max_steps),
         num_steps=num_steps,
         train_sigmas=train_sigmas.astype(np.float32),
         init_scale=float(np.sqrt(1.0 + sigmas[0] ** 2)),  # DDIM starts from unit-variance x_t
