@@ -51,6 +51,8 @@ def generate_to_pngs(flags_) -> list:
     from sd_jax.images import save_pngs
     from sd_jax.loading import load
 
+    if not flags_.prompt:
+        run_or_exit(_raise, ValueError("--prompt is required"))
     if flags_.height % 8 or flags_.width % 8 or flags_.height <= 0 or flags_.width <= 0:
         run_or_exit(
             _raise, ValueError(f"height and width must be positive multiples of 8, got {flags_.height}x{flags_.width}")
@@ -84,6 +86,18 @@ def generate_to_pngs(flags_) -> list:
             seed=flags_.seed,
             num_images=flags_.num_images,
             clip_skip=flags_.clip_skip,
+            guidance_rescale=flags_.guidance_rescale,
             progress=progress,
         )
     return save_pngs(images, flags_.output_dir, [flags_.seed + i for i in range(len(images))])
+
+
+def list_samplers() -> str:
+    """A table of the registered samplers: name, denoiser calls per step, diffusers twin."""
+    from sd_jax.sampling.samplers import SAMPLERS, SCHEDULE_TYPES
+
+    rows = [("sampler", "calls/step", "twin")]
+    rows += [(s.name, str(s.calls_per_step), s.twin) for s in SAMPLERS.values()]
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}" for r in rows]
+    return "\n".join(lines + ["", f"schedules: {', '.join(SCHEDULE_TYPES)}"])

@@ -44,6 +44,7 @@ class LoopData:
     train_sigmas: jnp.ndarray  # (num_train_timesteps,)
     num_steps: jnp.ndarray  # () int32
     guidance_scale: jnp.ndarray  # () float32
+    guidance_rescale: jnp.ndarray  # () float32
     eta: jnp.ndarray  # () float32
     init_scale: jnp.ndarray  # () float32
     final_scale: jnp.ndarray  # () float32
@@ -69,7 +70,7 @@ def _sample_and_decode(unet, vae, noise, context, keys, data: LoopData, static: 
     def unet_fn(x_t, t, c):
         return unet(x_t.astype(dtype), t, c)
 
-    guided = classifier_free_guidance(unet_fn, context, data.guidance_scale)
+    guided = classifier_free_guidance(unet_fn, context, data.guidance_scale, data.guidance_rescale)
     denoise = vp_denoiser(
         guided, data.train_sigmas, static.prediction_type, sigmas=data.sigmas, timesteps=data.timesteps
     )
@@ -224,6 +225,7 @@ class StableDiffusionPipeline:
         num_images: int = 1,
         latents: np.ndarray | None = None,
         clip_skip: int = 1,
+        guidance_rescale: float = 0.0,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
         """Generates images from text.
@@ -239,6 +241,8 @@ class StableDiffusionPipeline:
           latents: optional starting noise, NCHW (n, 4, height / 8, width / 8), unit variance (the sampler scales
             it by its initial sigma), n = number of prompts * num_images.
           clip_skip: 1 uses the text encoder's last layer, 2 the penultimate, ...
+          guidance_rescale: in [0, 1]; rescales the guided prediction toward the conditional one's scale
+            (Lin et al. 2023, as diffusers' `guidance_rescale`).
           progress: optional callback(step, steps) called from the running loop.
 
         Returns:
@@ -251,6 +255,8 @@ class StableDiffusionPipeline:
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         self._check(height, width, steps, num_images, guidance_scale, eta, seed, sampler, schedule)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
         total = len(prompts) * num_images
         f = self.latent_factor
         shape = (total, self.config.unet.out_channels, height // f, width // f)
@@ -280,6 +286,7 @@ class StableDiffusionPipeline:
             train_sigmas=schedule_data.train_sigmas,
             num_steps=np.int32(steps),
             guidance_scale=np.float32(guidance_scale),
+            guidance_rescale=np.float32(guidance_rescale),
             eta=np.float32(eta),
             init_scale=np.float32(schedule_data.init_scale),
             final_scale=np.float32(schedule_data.final_scale),

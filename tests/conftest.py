@@ -3,7 +3,7 @@
 import os
 
 # Sharding tests need several devices; this must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", os.environ.get("SD_JAX_TEST_PLATFORM", "cpu"))
 
 import jax  # noqa: E402

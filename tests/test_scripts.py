@@ -48,3 +48,13 @@ def test_txt2img_script_missing_model(tmp_path):
     assert result.returncode == 1
     assert "no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_list_samplers():
+    from sd_jax.sampling.samplers import SAMPLERS
+
+    result = run_script("scripts/txt2img.py", "--list_samplers")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:] if line and not line.startswith("schedules")]
+    assert {row[0] for row in rows} == set(SAMPLERS)
+    assert {row[0]: int(row[1]) for row in rows} == {s.name: s.calls_per_step for s in SAMPLERS.values()}

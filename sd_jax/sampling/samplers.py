@@ -28,6 +28,8 @@ class Sampler:
       calls_per_step: denoiser (U-Net) evaluations per step.
       twin: the diffusers scheduler it matches (with its settings), or what it is compared with.
       stochastic: draws noise (needs keys).
+      uses_eta: takes the pipeline's `eta` (DDIM's). Ancestral and SDE samplers keep their own full noise
+        (eta 1, as their twins and AUTOMATIC1111 default to).
     """
 
     name: str
@@ -36,6 +38,7 @@ class Sampler:
     calls_per_step: int
     twin: str
     stochastic: bool = False
+    uses_eta: bool = False
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -46,7 +49,7 @@ def register(sampler: Sampler) -> Sampler:
     return sampler
 
 
-register(Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler (eta=0)"))
+register(Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler", stochastic=True, uses_eta=True))
 
 
 def check(sampler: str, schedule: str) -> None:
@@ -66,6 +69,8 @@ def schedule(sampler: str, schedule_type: str, scheduler_config: Mapping, steps:
 
 def run(sampler: str, denoise, x, **kwargs):
     """Runs a registered sampler's loop (inside the caller's jit), passing only the options it takes."""
-    fn = SAMPLERS[sampler].sample
-    accepted = inspect.signature(fn).parameters
-    return fn(denoise, x, **{k: v for k, v in kwargs.items() if k in accepted})
+    spec = SAMPLERS[sampler]
+    if not spec.uses_eta:
+        kwargs.pop("eta", None)
+    accepted = inspect.signature(spec.sample).parameters
+    return spec.sample(denoise, x, **{k: v for k, v in kwargs.items() if k in accepted})

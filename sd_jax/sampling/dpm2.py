@@ -1,0 +1,127 @@
+"""DPM2 and DPM2 ancestral (k-diffusion's second-order midpoint samplers, after Lu et al. 2022's DPM-Solver-2).
+
+Twins: diffusers' KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler. Each step evaluates the denoiser at
+sigma, takes an Euler step to the log-space midpoint sqrt(sigma * sigma_target) (the geometric mean), evaluates
+there, and steps the whole way with the midpoint slope. The twins interleave the midpoint sigmas and timesteps into
+their lists; here the schedule is the plain per-step list, and the midpoint's U-Net timestep is the denoiser's
+log-sigma interpolation, as the twins compute it. A step that ends at sigma = 0 is a plain Euler step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sd_jax.sampling import loop, schedules
+from sd_jax.sampling.denoisers import Denoiser
+from sd_jax.sampling.euler import SD_BETA_DEFAULTS, EulerState, ancestral_step, discrete_schedule
+
+
+def dpm2_schedule(
+    config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
+) -> schedules.Schedule:
+    """The per-step schedule of `KDPM2DiscreteScheduler.from_config(config)` (without its interleaved midpoints;
+    its Karras timesteps are rounded)."""
+    return discrete_schedule(
+        config, num_steps, max_steps, schedule_type, twin_defaults=SD_BETA_DEFAULTS, round_karras_timesteps=True
+    )
+
+
+def dpm2_a_schedule(
+    config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
+) -> schedules.Schedule:
+    """The per-step schedule of `KDPM2AncestralDiscreteScheduler.from_config(config)` (as `dpm2_schedule`)."""
+    return dpm2_schedule(config, num_steps, max_steps, schedule_type)
+
+
+def _midpoint_step(denoise: Denoiser, x, derivative, sigma, sigma_target):
+    """x moved from sigma to sigma_target with the slope at their log-space midpoint; an Euler step (one denoiser
+    call fewer) where sigma_target is 0."""
+
+    def midpoint(_):
+        sigma_mid = jnp.exp(0.5 * (jnp.log(sigma) + jnp.log(sigma_target)))
+        x_mid = x + derivative * (sigma_mid - sigma)
+        derivative_mid = (x_mid - denoise(x_mid, sigma_mid)) / sigma_mid
+        return x + derivative_mid * (sigma_target - sigma)
+
+    return jax.lax.cond(sigma_target > 0, midpoint, lambda _: x + derivative * (sigma_target - sigma), None)
+
+
+def sample_dpm2(
+    denoise: Denoiser,
+    x: jnp.ndarray,
+    sigmas: jnp.ndarray,
+    *,
+    num_steps: jnp.ndarray | int | None = None,
+    keys: jnp.ndarray | None = None,
+    python_loop: bool = False,
+) -> jnp.ndarray:
+    """DPM2: two denoiser evaluations per step (one on the last step, which ends at 0).
+
+    Args:
+      denoise: `(x, sigma) -> x0`.
+      x: (B, H, W, C) starting latents at level sigmas[0].
+      sigmas: (max_steps + 1,) levels, padded past num_steps.
+      num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
+      keys: unused (deterministic).
+      python_loop: a plain Python loop for debugging.
+
+    Returns:
+      (B, H, W, C) float32 latents at level sigmas[num_steps].
+    """
+    del keys
+
+    def step(i, state: EulerState) -> EulerState:
+        x, sigma = state.x, sigmas[i]
+        derivative = (x - denoise(x, sigma)) / sigma
+        return state.replace(x=_midpoint_step(denoise, x, derivative, sigma, sigmas[i + 1]))
+
+    num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
+    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+
+
+def sample_dpm2_a(
+    denoise: Denoiser,
+    x: jnp.ndarray,
+    sigmas: jnp.ndarray,
+    *,
+    num_steps: jnp.ndarray | int | None = None,
+    keys: jnp.ndarray | None = None,
+    eta: jnp.ndarray | float = 1.0,
+    s_noise: jnp.ndarray | float = 1.0,
+    python_loop: bool = False,
+) -> jnp.ndarray:
+    """DPM2 ancestral: a DPM2 step to sigma_down, then fresh noise of std sigma_up (`euler.ancestral_step`).
+
+    Args as `sample_dpm2`, and:
+      keys: (B,) per-image PRNG keys (required); step i draws `loop.image_noise(keys, i, ...)`.
+      eta: the share of the step's noise that is fresh (1 is the twin; 0 is deterministic).
+      s_noise: scales the fresh noise.
+    """
+    if keys is None:
+        raise ValueError("dpm2_a draws noise: pass keys (one PRNG key per image)")
+    eta = jnp.asarray(eta, jnp.float32)
+    s_noise = jnp.asarray(s_noise, jnp.float32)
+
+    def step(i, state: EulerState) -> EulerState:
+        x, sigma = state.x, sigmas[i]
+        sigma_up, sigma_down = ancestral_step(sigma, sigmas[i + 1], eta)
+        derivative = (x - denoise(x, sigma)) / sigma
+        x = _midpoint_step(denoise, x, derivative, sigma, sigma_down)
+        noise = loop.image_noise(keys, i, x.shape[1:])
+        return state.replace(x=x + noise * (s_noise * sigma_up))
+
+    num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
+    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+
+
+def samplers() -> list:
+    """This file's samplers, for the registry in samplers.py (imported here to avoid an import cycle)."""
+    from sd_jax.sampling.samplers import Sampler
+
+    return [
+        Sampler("dpm2", sample_dpm2, dpm2_schedule, 2, "KDPM2DiscreteScheduler"),
+        Sampler("dpm2_a", sample_dpm2_a, dpm2_a_schedule, 2, "KDPM2AncestralDiscreteScheduler", stochastic=True),
+    ]
