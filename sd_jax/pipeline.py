@@ -91,6 +91,7 @@ def _sample_and_decode(unet, vae, noise, context, keys, data: LoopData, static: 
         keys=keys,
         eta=data.eta,
         clip_x0=static.clip_x0,
+        prediction_type=static.prediction_type,
     )
     latents = latents * data.final_scale
     images = vae.decode((latents / static.latent_scale + static.latent_shift).astype(dtype))
@@ -131,6 +132,9 @@ def _generate(mesh, graphs, states, noise, context, key_data, data: LoopData, st
         mesh=mesh,
         in_specs=(PartitionSpec(), spec, spec, spec, PartitionSpec()),
         out_specs=spec,
+        # The body has no collectives; without this, samplers' zero-initialised loop buffers (device-invariant)
+        # would need casting to the device-varying type of the values stored into them.
+        check_vma=False,
     )(states, noise, context, key_data, data)
 
 
@@ -175,7 +179,7 @@ class StableDiffusionPipeline:
         report, sigmas, steps = self._progress
         hits = np.nonzero(sigmas == np.float32(sigma))[0]
         if len(hits):
-            report(int(hits[0]) + 1, steps)
+            report(min(int(hits[0]) + 1, steps), steps)
 
     def encode_text(self, texts: Sequence[str], *, clip_skip: int = 1) -> jnp.ndarray:
         """Text-encoder embeddings (B, 77, D) of already-final prompt strings.
@@ -284,7 +288,7 @@ class StableDiffusionPipeline:
             sigmas_next=schedule_data.sigmas_next,
             timesteps=schedule_data.timesteps,
             train_sigmas=schedule_data.train_sigmas,
-            num_steps=np.int32(steps),
+            num_steps=np.int32(schedule_data.num_steps),
             guidance_scale=np.float32(guidance_scale),
             guidance_rescale=np.float32(guidance_rescale),
             eta=np.float32(eta),
@@ -300,7 +304,7 @@ class StableDiffusionPipeline:
             micro_batch=self.micro_batch,
             progress=self._on_step if progress is not None else None,
         )
-        self._progress = (progress, np.asarray(schedule_data.sigmas[:steps]), steps)
+        self._progress = (progress, np.asarray(schedule_data.sigmas[: schedule_data.num_steps]), steps)
         images = self._generate(
             {k: self.states[k] for k in ("unet", "vae")},
             jax.device_put(parallel.pad_batch(noise, padded), shard),

@@ -46,6 +46,32 @@ def test_txt2img_matches_diffusers(model_pair, guidance_rescale):
     assert expected.std() > 10
 
 
+TWINS = {
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}, "default"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "karras"),
+    "unipc": ("UniPCMultistepScheduler", {}, "default"),
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(TWINS))
+def test_other_samplers_match_their_diffusers_twins(model_pair, sampler):
+    import diffusers
+
+    kind, reference, pipe = model_pair
+    cls, extra, schedule = TWINS[sampler]
+    reference.scheduler = getattr(diffusers, cls).from_config(dict(pipe.config.scheduler), **extra)
+    latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    kwargs = dict(height=32, width=32, guidance_scale=5.0)
+    with torch.no_grad():
+        expected = reference(
+            "a lighthouse", num_inference_steps=5, latents=torch.from_numpy(latents), output_type="np", **kwargs
+        ).images
+    ours = pipe.txt2img("a lighthouse", steps=5, latents=latents, sampler=sampler, schedule=schedule, **kwargs)
+    diff = np.abs(np.asarray(ours[0]).astype(int) - (expected[0] * 255).round().astype(int))
+    print(f"{kind} {sampler} ({schedule}): max abs pixel difference {diff.max()} / 255")
+    assert diff.max() <= 2
+
+
 def test_image_i_uses_seed_plus_i(model_pair):
     _, _, pipe = model_pair
     kwargs = dict(height=32, width=32, steps=3)

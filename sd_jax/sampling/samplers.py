@@ -52,6 +52,36 @@ def register(sampler: Sampler) -> Sampler:
 register(Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler", stochastic=True, uses_eta=True))
 
 
+# The order of `--list_samplers`.
+ORDER = (
+    "ddim",
+    "plms",
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_2s_a",
+    "dpmpp_2m",
+    "dpmpp_sde",
+    "dpmpp_2m_sde",
+    "unipc",
+)
+
+
+def _register_families() -> None:
+    from sd_jax.sampling import dpmpp, plms, unipc
+
+    found = {s.name: s for module in (plms, dpmpp, unipc) for s in module.samplers()}
+    for name in ORDER:
+        if name in found:
+            register(found[name])
+
+
+_register_families()
+
+
 def check(sampler: str, schedule: str) -> None:
     """Raises a one-line ValueError for an unknown sampler or schedule."""
     if sampler not in SAMPLERS:
@@ -63,7 +93,8 @@ def check(sampler: str, schedule: str) -> None:
 def schedule(sampler: str, schedule_type: str, scheduler_config: Mapping, steps: int) -> schedules.Schedule:
     """The schedule a sampler walks for `steps` steps, padded to the training length so steps stay data."""
     check(sampler, schedule_type)
-    max_steps = schedules.scheduler_settings(scheduler_config)["num_train_timesteps"]
+    # One more than the training length: PLMS's twin repeats a timestep, taking steps + 1 model calls.
+    max_steps = schedules.scheduler_settings(scheduler_config)["num_train_timesteps"] + 1
     return SAMPLERS[sampler].make_schedule(scheduler_config, steps, max_steps, schedule_type)
 
 

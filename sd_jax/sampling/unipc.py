@@ -79,7 +79,7 @@ def sample_unipc(
         hh = log_sigmas[i] - log_sigmas[prev1]
         hh = jnp.where(i > 0, hh, -1.0)
         phi1, b1, b2 = _phis(hh)
-        r1 = (log_sigmas[prev1] - log_sigmas[prev2]) / hh  # (lambda_{i-2} - lambda_{i-1}) / h
+        r1 = (log_sigmas[prev2] - log_sigmas[prev1]) / hh  # (lambda_{i-2} - lambda_{i-1}) / h
         r1 = jnp.where(i > 1, r1, -1.0)
         rho0 = (b1 - b2) / (1.0 - r1)
         rho1 = jnp.where(i > 1, b1 - rho0, 0.5)
@@ -87,9 +87,7 @@ def sample_unipc(
         d1 = (state.denoised_2 - state.denoised_1) / r1
         ratio = sigma / sigmas[prev1]
         corrected = (
-            ratio * state.x_last
-            - phi1 * state.denoised_1
-            - phi1 * (rho0 * d1 + rho1 * (denoised - state.denoised_1))
+            ratio * state.x_last - phi1 * state.denoised_1 - phi1 * (rho0 * d1 + rho1 * (denoised - state.denoised_1))
         )
         x = jnp.where(i > 0, corrected, state.x)
 
