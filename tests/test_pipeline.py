@@ -137,4 +137,5 @@ def test_steps_guidance_and_eta_do_not_recompile(model_pair):
     pipe.txt2img("a cat", steps=5, guidance_scale=3.0, **kwargs)
     pipe.txt2img("a cat", steps=4, guidance_scale=1.0, eta=0.5, **kwargs)
     pipe.txt2img("a cat", steps=4, guidance_scale=5.0, guidance_rescale=0.5, **kwargs)
+    pipe.txt2img("a cat", steps=9, schedule="karras", **kwargs)
     assert pipe._generate._cache_size() == compiled
