@@ -47,6 +47,10 @@ def test_txt2img_matches_diffusers(model_pair, guidance_rescale):
 
 
 TWINS = {
+    "euler": ("EulerDiscreteScheduler", {}, "default"),
+    "heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "karras"),
+    "lms": ("LMSDiscreteScheduler", {}, "default"),
+    "dpm2": ("KDPM2DiscreteScheduler", {}, "default"),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}, "default"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "karras"),
     "unipc": ("UniPCMultistepScheduler", {}, "default"),

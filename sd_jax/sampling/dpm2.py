@@ -36,12 +36,18 @@ def dpm2_a_schedule(
     return dpm2_schedule(config, num_steps, max_steps, schedule_type)
 
 
-def _midpoint_step(denoise: Denoiser, x, derivative, sigma, sigma_target):
+def _midpoint_step(denoise: Denoiser, x, derivative, sigma, sigma_target, sigma_next):
     """x moved from sigma to sigma_target with the slope at their log-space midpoint; an Euler step (one denoiser
-    call fewer) where sigma_target is 0."""
+    call fewer) where sigma_target is 0. sigma_next is the level the next step starts from."""
 
     def midpoint(_):
         sigma_mid = jnp.exp(0.5 * (jnp.log(sigma) + jnp.log(sigma_target)))
+        # The midpoint's U-Net timestep is interpolated from its sigma, as the twins do. With eta = 1 the ancestral
+        # midpoint sqrt(sigma * sigma_down) is sigma_next up to rounding; where it is exactly sigma_next the
+        # denoiser would take the schedule's own timestep of sigma_next (rounded, for the twins' Karras sigmas).
+        # So a midpoint within rounding of sigma_next becomes the float32 just above it, which interpolates.
+        near = jnp.abs(sigma_mid - sigma_next) <= 1e-6 * sigma_next
+        sigma_mid = jnp.where(near, jnp.nextafter(sigma_next, jnp.float32(jnp.inf)), sigma_mid)
         x_mid = x + derivative * (sigma_mid - sigma)
         derivative_mid = (x_mid - denoise(x_mid, sigma_mid)) / sigma_mid
         return x + derivative_mid * (sigma_target - sigma)
@@ -76,7 +82,7 @@ def sample_dpm2(
     def step(i, state: EulerState) -> EulerState:
         x, sigma = state.x, sigmas[i]
         derivative = (x - denoise(x, sigma)) / sigma
-        return state.replace(x=_midpoint_step(denoise, x, derivative, sigma, sigmas[i + 1]))
+        return state.replace(x=_midpoint_step(denoise, x, derivative, sigma, sigmas[i + 1], sigmas[i + 1]))
 
     num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
     return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop).x
@@ -109,7 +115,7 @@ def sample_dpm2_a(
         x, sigma = state.x, sigmas[i]
         sigma_up, sigma_down = ancestral_step(sigma, sigmas[i + 1], eta)
         derivative = (x - denoise(x, sigma)) / sigma
-        x = _midpoint_step(denoise, x, derivative, sigma, sigma_down)
+        x = _midpoint_step(denoise, x, derivative, sigma, sigma_down, sigmas[i + 1])
         noise = loop.image_noise(keys, i, x.shape[1:])
         return state.replace(x=x + noise * (s_noise * sigma_up))
 

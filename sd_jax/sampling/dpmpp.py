@@ -394,7 +394,7 @@ def samplers() -> list:
             sample_dpmpp_sde,
             k_schedule,
             2,
-            "k-diffusion sample_dpmpp_sde with independent per-step noise (not a Brownian tree); "
+            "k-diffusion sample_dpmpp_sde, its two noises per step Brownian increments from the image key (no tree); "
             "levels of DPMSolverSDEScheduler",
             stochastic=True,
         ),

@@ -71,9 +71,9 @@ ORDER = (
 
 
 def _register_families() -> None:
-    from sd_jax.sampling import dpmpp, plms, unipc
+    from sd_jax.sampling import dpm2, dpmpp, euler, lms, plms, unipc
 
-    found = {s.name: s for module in (plms, dpmpp, unipc) for s in module.samplers()}
+    found = {s.name: s for module in (plms, euler, lms, dpm2, dpmpp, unipc) for s in module.samplers()}
     for name in ORDER:
         if name in found:
             register(found[name])
