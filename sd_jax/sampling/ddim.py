@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import struct
 
 from sd_jax.sampling.denoisers import Denoiser
+from sd_jax.sampling.loop import image_noise, run_steps
 
 
 @struct.dataclass
@@ -34,7 +34,7 @@ def sample_ddim(
       sigmas: (max_steps + 1,) levels; step i starts at sigmas[i].
       sigmas_next: (max_steps,) the level step i moves to; defaults to sigmas[1:].
       num_steps: steps to take (data: a traced value does not recompile); defaults to len(sigmas) - 1.
-      keys: (B,) per-image PRNG keys; step i draws image b's noise from fold_in(keys[b], i). Needed when eta > 0.
+      keys: (B,) per-image PRNG keys (`loop.image_noise`). Needed when eta > 0.
       eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral sampling.
       clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] (the twin's clip_sample), or None.
       python_loop: run a plain Python loop (for debugging) instead of `lax.fori_loop`.
@@ -59,15 +59,9 @@ def sample_ddim(
         eps_scale = jnp.sqrt(jnp.maximum(sigma_next**2 - noise_scale**2, 0.0))
         x = x0 + eps_scale * eps
         if keys is not None:
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(keys)
-            x = x + jnp.where(eta > 0, noise_scale, 0.0) * noise
+            x = x + noise_scale * image_noise(keys, i, x.shape[1:])
         # The twin hands x_t at level sigma_next to a step that starts at sigmas[i + 1]; usually the same level.
         x = x * (jnp.sqrt(1.0 + sigmas[i + 1] ** 2) / jnp.sqrt(1.0 + sigma_next**2))
         return state.replace(x=x)
 
-    state = DDIMState(x=x.astype(jnp.float32))
-    if python_loop:
-        for i in range(int(num_steps)):
-            state = step(i, state)
-        return state.x
-    return jax.lax.fori_loop(0, num_steps, step, state).x
+    return run_steps(step, DDIMState(x=x.astype(jnp.float32)), num_steps, python_loop).x
