@@ -222,3 +222,31 @@ def test_full_size_sd15_parity():
         f"jax jit+run {done - torch_done:.1f}s, total {done - start:.1f}s, peak RSS {peak_gb:.1f} GB"
     )
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("config", [SD1_SMALL, SD2_SMALL], ids=["sd1", "sd2"])
+def test_parity_with_blocked_cpu_attention(monkeypatch, config):
+    """The CPU path that computes attention one head and query block at a time, forced on at a small size."""
+    from sd_jax.modules import attention
+
+    monkeypatch.setattr(attention, "_CPU_BLOCK_LOGITS", 64)
+    torch_model, model = make_pair(config)
+    sample, timesteps, context = inputs(config)
+    ref = torch_forward(torch_model, sample, timesteps, context)
+    assert_close(run(model, sample, timesteps, context), ref)
+
+
+@pytest.mark.parametrize(
+    "b, lq, lk, heads, upcast", [(2, 64, 64, 4, False), (1, 256, 77, 8, True), (3, 32, 48, 1, False)]
+)
+def test_blocked_attention_matches_the_fused_product(monkeypatch, b, lq, lk, heads, upcast):
+    from sd_jax.modules import attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((b, lq, heads * 16), dtype=np.float32))
+    k = jnp.asarray(rng.standard_normal((b, lk, heads * 16), dtype=np.float32))
+    v = jnp.asarray(rng.standard_normal((b, lk, heads * 16), dtype=np.float32))
+    fused = attention.scaled_dot_product_attention(q, k, v, heads=heads, upcast=upcast)
+    monkeypatch.setattr(attention, "_CPU_BLOCK_LOGITS", 16 * lk)  # several query blocks per head
+    blocked = attention.scaled_dot_product_attention(q, k, v, heads=heads, upcast=upcast)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(fused), rtol=1e-5, atol=1e-6)
