@@ -119,7 +119,7 @@ def test_ddim_eta_matches_diffusers_given_the_same_noise(prediction_type):
     latents = torch.from_numpy(noise.copy())
     for i, t in enumerate(twin.timesteps):
         out = fake_model(latents, t.float())
-        injected = torch.from_numpy(np.asarray(image_noise(keys, i, (8, 8, 4))))
+        injected = torch.from_numpy(np.array(image_noise(keys, i, (8, 8, 4))))
         latents = twin.step(out, t, latents, eta=eta, variance_noise=injected).prev_sample
 
     def model_fn(x_t, t):
