@@ -28,6 +28,7 @@ from flax import struct
 
 from sd_jax.sampling import schedules
 from sd_jax.sampling.denoisers import Denoiser
+from sd_jax.sampling.euler import discrete_schedule
 from sd_jax.sampling.loop import image_noise, run_steps
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,38 +122,10 @@ def multistep_schedule(
 def k_schedule(
     config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
 ) -> schedules.Schedule:
-    """k-diffusion style levels (the main sigmas of diffusers' DPMSolverSDEScheduler / EulerDiscreteScheduler):
-    timesteps spaced by timestep_spacing (default "linspace", fractional), their interpolated sigmas, then 0.
-
-    The starting `x` has the twin's init_noise_sigma: sigma_max for linspace / trailing, sqrt(1 + sigma_max^2)
-    for leading (those twins keep `x` itself, not `x_t`, as their sample).
-    """
-    s = schedules.scheduler_settings(config)
-    n_train = s["num_train_timesteps"]
-    if not 1 <= num_steps <= n_train:
-        raise ValueError(f"steps must be between 1 and {n_train}, got {num_steps}")
-    max_steps = max(max_steps or num_steps, num_steps)
-    spacing = config.get("timestep_spacing", "linspace")
-    train_sigmas = float32_train_sigmas(config)
-    n = num_steps
-    if spacing == "linspace":
-        timesteps = np.linspace(0, n_train - 1, n)[::-1].copy()
-    elif spacing == "leading":
-        timesteps = (np.arange(n) * (n_train // n)).round()[::-1].astype(np.float64) + s["steps_offset"]
-    elif spacing == "trailing":
-        timesteps = np.arange(n_train, 0, -n_train / n).round() - 1.0
-    else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
-    sigmas = np.interp(timesteps, np.arange(n_train), train_sigmas)
-    if schedule_type != "default":
-        lo, hi = sigmas[-1], sigmas[0]
-        sigmas = {"karras": schedules.sigmas_karras, "exponential": schedules.sigmas_exponential}[schedule_type](
-            n, lo, hi
-        )
-        timesteps = schedules.timesteps_of_sigmas(sigmas, train_sigmas)
-    init = float(sigmas.max()) if spacing in ("linspace", "trailing") else float(np.sqrt(sigmas.max() ** 2 + 1))
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-    return schedules.pad_schedule(sigmas, timesteps, train_sigmas, max_steps, init_scale=init)
+    """k-diffusion style levels, the main sigmas of diffusers' DPMSolverSDEScheduler: the same spacing as
+    EulerDiscreteScheduler's (timesteps spaced by timestep_spacing, default "linspace"; their interpolated sigmas;
+    then 0), so the Euler family's schedule serves."""
+    return discrete_schedule(config, num_steps, max_steps, schedule_type)
 
 
 # ---------------------------------------------------------------------------------------------------------------
