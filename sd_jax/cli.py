@@ -63,10 +63,7 @@ def generate_to_pngs(flags_) -> list:
             "so the images are noise",
             file=sys.stderr,
         )
-    kwargs = {"model_type": flags_.model_type, "bpe_vocab": flags_.bpe_vocab} if flags_.model else {}
-    if flags_.model is None and flags_.bpe_vocab:
-        kwargs = {"bpe_vocab": flags_.bpe_vocab}
-    pipe = run_or_exit(load, flags_.model, flags_.dtype, **kwargs)
+    pipe = run_or_exit(load, flags_.model, flags_.dtype, model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
     with tqdm(total=flags_.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
 
         def progress(step, steps):
