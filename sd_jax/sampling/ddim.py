@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from sd_jax.sampling.denoisers import Denoiser
-from sd_jax.sampling.loop import image_noise, run_steps
+from sd_jax.sampling.loop import StepHook, image_noise, run_steps
 
 
 @struct.dataclass
@@ -25,6 +25,7 @@ def sample_ddim(
     eta: jnp.ndarray | float = 0.0,
     clip_x0: float | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """Samples with DDIM from `x` at level sigmas[0] to level sigmas[num_steps].
 
@@ -38,6 +39,7 @@ def sample_ddim(
       eta: 0 is deterministic DDIM, 1 is DDPM-like ancestral sampling.
       clip_x0: clamp the predicted x0 to [-clip_x0, clip_x0] (the twin's clip_sample), or None.
       python_loop: run a plain Python loop (for debugging) instead of `lax.fori_loop`.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
 
     Returns:
       (B, H, W, C) float32 latents at level sigmas[num_steps].
@@ -64,4 +66,4 @@ def sample_ddim(
         x = x * (jnp.sqrt(1.0 + sigmas[i + 1] ** 2) / jnp.sqrt(1.0 + sigma_next**2))
         return state.replace(x=x)
 
-    return run_steps(step, DDIMState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+    return run_steps(step, DDIMState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
 from sd_jax.sampling.euler import SD_BETA_DEFAULTS, EulerState, ancestral_step, discrete_schedule
+from sd_jax.sampling.loop import StepHook
 
 
 def dpm2_schedule(
@@ -63,6 +64,7 @@ def sample_dpm2(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM2: two denoiser evaluations per step (one on the last step, which ends at 0).
 
@@ -73,6 +75,7 @@ def sample_dpm2(
       num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
       keys: unused (deterministic).
       python_loop: a plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
 
     Returns:
       (B, H, W, C) float32 latents at level sigmas[num_steps].
@@ -85,7 +88,7 @@ def sample_dpm2(
         return state.replace(x=_midpoint_step(denoise, x, derivative, sigma, sigmas[i + 1], sigmas[i + 1]))
 
     num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
 
 
 def sample_dpm2_a(
@@ -98,6 +101,7 @@ def sample_dpm2_a(
     eta: jnp.ndarray | float = 1.0,
     s_noise: jnp.ndarray | float = 1.0,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM2 ancestral: a DPM2 step to sigma_down, then fresh noise of std sigma_up (`euler.ancestral_step`).
 
@@ -120,7 +124,7 @@ def sample_dpm2_a(
         return state.replace(x=x + noise * (s_noise * sigma_up))
 
     num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:

@@ -29,7 +29,7 @@ from flax import struct
 from sd_jax.sampling import schedules
 from sd_jax.sampling.denoisers import Denoiser
 from sd_jax.sampling.euler import discrete_schedule
-from sd_jax.sampling.loop import image_noise, run_steps
+from sd_jax.sampling.loop import StepHook, image_noise, run_steps
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schedules
@@ -140,7 +140,7 @@ class MultistepState:
     h_last: jnp.ndarray  # () float32: log(sigmas[i - 1] / sigmas[i])
 
 
-def _dpmpp_2m_loop(denoise, x, sigmas, num_steps, keys, eta, s_noise, python_loop, stochastic):
+def _dpmpp_2m_loop(denoise, x, sigmas, num_steps, keys, eta, s_noise, python_loop, after_step, stochastic):
     if num_steps is None:
         num_steps = sigmas.shape[0] - 1
     num_steps = jnp.asarray(num_steps, jnp.int32)
@@ -173,7 +173,7 @@ def _dpmpp_2m_loop(denoise, x, sigmas, num_steps, keys, eta, s_noise, python_loo
 
     x = x.astype(jnp.float32)
     state = MultistepState(x=x, old_denoised=jnp.zeros_like(x), h_last=jnp.ones((), jnp.float32))
-    return run_steps(step, state, num_steps, python_loop).x
+    return run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def sample_dpmpp_2m(
@@ -184,6 +184,7 @@ def sample_dpmpp_2m(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM-Solver++(2M), midpoint form, from `x` (B, H, W, C) at sigmas[0] to sigmas[num_steps] (1 call per step).
 
@@ -194,9 +195,10 @@ def sample_dpmpp_2m(
       num_steps: steps to take (data: may be traced); defaults to len(sigmas) - 1.
       keys: unused (deterministic).
       python_loop: plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
     """
     del keys
-    return _dpmpp_2m_loop(denoise, x, sigmas, num_steps, None, 0.0, 0.0, python_loop, stochastic=False)
+    return _dpmpp_2m_loop(denoise, x, sigmas, num_steps, None, 0.0, 0.0, python_loop, after_step, stochastic=False)
 
 
 def sample_dpmpp_2m_sde(
@@ -209,12 +211,13 @@ def sample_dpmpp_2m_sde(
     eta: jnp.ndarray | float = 1.0,
     s_noise: jnp.ndarray | float = 1.0,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM-Solver++(2M) SDE, midpoint form (1 call per step). Step i's noise is `image_noise(keys, i, ..., salt=0)`.
 
     eta=1 is diffusers' sde-dpmsolver++; eta=0 is the deterministic DPM++ 2M. s_noise scales the injected noise.
     """
-    return _dpmpp_2m_loop(denoise, x, sigmas, num_steps, keys, eta, s_noise, python_loop, stochastic=True)
+    return _dpmpp_2m_loop(denoise, x, sigmas, num_steps, keys, eta, s_noise, python_loop, after_step, stochastic=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,6 +254,7 @@ def sample_dpmpp_2s_a(
     eta: jnp.ndarray | float = 1.0,
     s_noise: jnp.ndarray | float = 1.0,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM-Solver++(2S) ancestral (k-diffusion's `sample_dpmpp_2s_ancestral`), 2 calls per step.
 
@@ -280,7 +284,7 @@ def sample_dpmpp_2s_a(
         x_next = x_next + jnp.where(sigma_next > 0, up * s_noise, 0.0) * noise
         return state.replace(x=x_next)
 
-    return run_steps(step, SinglestepState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+    return run_steps(step, SinglestepState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
 
 
 def sample_dpmpp_sde(
@@ -293,6 +297,7 @@ def sample_dpmpp_sde(
     eta: jnp.ndarray | float = 1.0,
     s_noise: jnp.ndarray | float = 1.0,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """DPM-Solver++ SDE (k-diffusion's `sample_dpmpp_sde`, r = 1/2), 2 calls per step.
 
@@ -331,7 +336,7 @@ def sample_dpmpp_sde(
         x_next = jax.lax.cond(sigma_next > 0, two_stage, lambda _: denoised, None)
         return state.replace(x=x_next)
 
-    return run_steps(step, SinglestepState(x=x.astype(jnp.float32)), num_steps, python_loop).x
+    return run_steps(step, SinglestepState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:

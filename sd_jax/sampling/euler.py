@@ -18,6 +18,7 @@ from flax import struct
 
 from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
+from sd_jax.sampling.loop import StepHook
 
 # The defaults of diffusers' Euler-type schedulers for keys a scheduler config may leave out; they differ from
 # DDIM's (no leading spacing) and between twins (Heun and KDPM2 default to SD's betas).
@@ -160,6 +161,7 @@ def sample_euler(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma.
 
@@ -170,6 +172,7 @@ def sample_euler(
       num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
       keys: unused (deterministic); accepted so that every sampler takes the same arguments.
       python_loop: a plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
 
     Returns:
       (B, H, W, C) float32 latents at level sigmas[num_steps].
@@ -182,7 +185,7 @@ def sample_euler(
         return state.replace(x=state.x + derivative * (sigma_next - sigma))
 
     state, num_steps = _start(x, sigmas, num_steps)
-    return loop.run_steps(step, state, num_steps, python_loop).x
+    return loop.run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def sample_euler_a(
@@ -195,6 +198,7 @@ def sample_euler_a(
     eta: jnp.ndarray | float = 1.0,
     s_noise: jnp.ndarray | float = 1.0,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """Euler ancestral: an Euler step to sigma_down, then fresh noise of std sigma_up (see `ancestral_step`).
 
@@ -217,7 +221,7 @@ def sample_euler_a(
         return state.replace(x=x + noise * (s_noise * sigma_up))
 
     state, num_steps = _start(x, sigmas, num_steps)
-    return loop.run_steps(step, state, num_steps, python_loop).x
+    return loop.run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def sample_heun(
@@ -228,6 +232,7 @@ def sample_heun(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """Heun's second-order method: an Euler step, then the average of the slopes at both ends. The step to
     sigma = 0 is a plain Euler step (the slope at 0 is undefined), as the twin does; it costs one evaluation.
@@ -249,7 +254,7 @@ def sample_heun(
         return state.replace(x=jax.lax.cond(sigma_next > 0, corrected, lambda _: x_euler, None))
 
     state, num_steps = _start(x, sigmas, num_steps)
-    return loop.run_steps(step, state, num_steps, python_loop).x
+    return loop.run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:

@@ -17,6 +17,7 @@ from flax import struct
 from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
 from sd_jax.sampling.euler import discrete_schedule
+from sd_jax.sampling.loop import StepHook
 
 ORDER = 4
 # 2-point Gauss-Legendre on [-1, 1]: nodes +-1/sqrt(3), weights 1; exact for polynomials of degree <= 3.
@@ -73,6 +74,7 @@ def sample_lms(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """Fourth-order linear multistep, one denoiser evaluation per step (lower order for the first three steps).
 
@@ -83,6 +85,7 @@ def sample_lms(
       num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
       keys: unused (deterministic).
       python_loop: a plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
 
     Returns:
       (B, H, W, C) float32 latents at level sigmas[num_steps].
@@ -100,7 +103,7 @@ def sample_lms(
     x = x.astype(jnp.float32)
     state = LMSState(x=x, derivatives=jnp.zeros((ORDER, *x.shape), jnp.float32))
     num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, state, num_steps, python_loop).x
+    return loop.run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:

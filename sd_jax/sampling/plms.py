@@ -27,7 +27,7 @@ from flax import struct
 from sd_jax.sampling import schedules
 from sd_jax.sampling.denoisers import Denoiser
 from sd_jax.sampling.dpmpp import float32_train_sigmas
-from sd_jax.sampling.loop import run_steps
+from sd_jax.sampling.loop import StepHook, run_steps
 
 # Adams-Bashforth weights (newest first) with 1, 2, 3 and 4 outputs in the history.
 _AB = np.array(
@@ -124,6 +124,7 @@ def sample_plms(
     keys: jnp.ndarray | None = None,
     prediction_type: str = "epsilon",
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """PLMS from `x` (B, H, W, C) at sigmas[0] to sigmas[num_steps], one call per step (see the module docstring).
 
@@ -137,6 +138,7 @@ def sample_plms(
       prediction_type: the space the outputs are averaged in: "epsilon", or "v_prediction" as diffusers' twin
         does for v-prediction models.
       python_loop: plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
     """
     del keys
     if prediction_type not in ("epsilon", "v_prediction"):
@@ -180,7 +182,7 @@ def sample_plms(
 
     x = x.astype(jnp.float32)
     state = PLMSState(x=x, first_x=x, outputs=jnp.zeros((4,) + x.shape, jnp.float32), count=jnp.zeros((), jnp.int32))
-    return run_steps(step, state, num_steps, python_loop).x
+    return run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:

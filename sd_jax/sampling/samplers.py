@@ -1,8 +1,9 @@
 """The sampler registry: each name with its schedule, its loop, its cost per step and its diffusers twin.
 
-A sampler is a pure function `sample(denoise, x, sigmas, *, num_steps, keys=None, python_loop=False, **options)`
-over a denoiser `denoise(x, sigma) -> x0`. `sigmas` is padded to a fixed length and `num_steps` may be traced,
-so the step count is data. `keys` (B,) are per-image PRNG keys for the samplers that draw noise.
+A sampler is a pure function
+`sample(denoise, x, sigmas, *, num_steps, keys=None, python_loop=False, after_step=None, **options)`
+over a denoiser `denoise(x, sigma) -> x0`. `sigmas` is padded to a fixed length and `num_steps` may be traced, so the
+step count is data. `keys` (B,) are per-image PRNG keys for the samplers that draw noise.
 """
 
 from __future__ import annotations
@@ -98,10 +99,17 @@ def schedule(sampler: str, schedule_type: str, scheduler_config: Mapping, steps:
     return SAMPLERS[sampler].make_schedule(scheduler_config, steps, max_steps, schedule_type)
 
 
+# Options a sampler may not silently ignore when given (the others are extras that only some samplers use).
+_REQUIRED_OPTIONS = ("after_step",)
+
+
 def run(sampler: str, denoise, x, **kwargs):
     """Runs a registered sampler's loop (inside the caller's jit), passing only the options it takes."""
     spec = SAMPLERS[sampler]
     if not spec.uses_eta:
         kwargs.pop("eta", None)
     accepted = inspect.signature(spec.sample).parameters
+    dropped = [k for k, v in kwargs.items() if k not in accepted and k in _REQUIRED_OPTIONS and v is not None]
+    if dropped:
+        raise TypeError(f"sampler {sampler!r} does not take {', '.join(dropped)}")
     return spec.sample(denoise, x, **{k: v for k, v in kwargs.items() if k in accepted})

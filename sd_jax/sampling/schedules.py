@@ -212,3 +212,36 @@ def ddim_schedule(
         init_scale=float(np.sqrt(1.0 + sigmas[0] ** 2)),  # DDIM starts from unit-variance x_t
         final_scale=float(1.0 / np.sqrt(1.0 + sigmas[-1] ** 2)),
     )
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """The step at which img2img enters a `steps`-step schedule, as diffusers' img2img pipelines compute it.
+
+    strength 1 starts at step 0 (all steps run); strength 0 at step `steps` (none run: the image comes back
+    through the VAE unchanged by sampling). The Python float product is kept as is, so the rounding matches.
+    """
+    return steps - min(int(steps * strength), steps)
+
+
+def enter_schedule(schedule: Schedule, start: int) -> Schedule:
+    """The part of a schedule from step `start` on (img2img), padded to the same length (no recompilation).
+
+    `init_scale` becomes the noise level at the entry, sigmas[start]: the loop starts from image latents plus
+    that much unit noise. Entering past the last step leaves nothing to run: no noise, no final rescale.
+    """
+    if not 0 <= start <= schedule.num_steps:
+        raise ValueError(f"cannot enter a {schedule.num_steps}-step schedule at step {start}")
+    remaining = schedule.num_steps - start
+
+    def shift(values: np.ndarray) -> np.ndarray:
+        return _pad(values[start:], len(values))
+
+    return Schedule(
+        sigmas=shift(schedule.sigmas),
+        sigmas_next=shift(schedule.sigmas_next),
+        timesteps=shift(schedule.timesteps),
+        num_steps=remaining,
+        train_sigmas=schedule.train_sigmas,
+        init_scale=float(schedule.sigmas[start]) if remaining else 0.0,
+        final_scale=schedule.final_scale if remaining else 1.0,
+    )

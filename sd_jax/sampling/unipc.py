@@ -18,7 +18,7 @@ from flax import struct
 from sd_jax.sampling import schedules
 from sd_jax.sampling.denoisers import Denoiser
 from sd_jax.sampling.dpmpp import multistep_schedule
-from sd_jax.sampling.loop import run_steps
+from sd_jax.sampling.loop import StepHook, run_steps
 
 
 def unipc_schedule(
@@ -52,6 +52,7 @@ def sample_unipc(
     num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
     python_loop: bool = False,
+    after_step: StepHook | None = None,
 ) -> jnp.ndarray:
     """UniPC-2 (bh2) from `x` (B, H, W, C) at sigmas[0] to sigmas[num_steps], 1 call per step.
 
@@ -62,6 +63,7 @@ def sample_unipc(
       num_steps: steps to take (data: may be traced); defaults to len(sigmas) - 1.
       keys: unused (deterministic).
       python_loop: plain Python loop for debugging.
+      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
     """
     del keys
     if num_steps is None:
@@ -106,7 +108,7 @@ def sample_unipc(
     x = x.astype(jnp.float32)
     zeros = jnp.zeros_like(x)
     state = UniPCState(x=x, x_last=x, denoised_1=zeros, denoised_2=zeros)
-    return run_steps(step, state, num_steps, python_loop).x
+    return run_steps(step, state, num_steps, python_loop, after_step).x
 
 
 def samplers() -> list:
