@@ -1,0 +1,219 @@
+"""Prompt emphasis as AUTOMATIC1111's web UI reads it: `(word)`, `[word]`, `(word:1.3)`, `BREAK`, 75-token chunks.
+
+Text flows: `parse_emphasis` (text -> pieces with weights) -> `tokenize_weighted` (pieces -> (n_chunks, 77) token
+ids and per-token weights) -> the text encoder, once per chunk -> `weighted_mean_restore` (the weights applied to the
+encoder output, each chunk's mean kept). The chunk embeddings are then concatenated along the token axis.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+    import transformers
+
+ROUND_BRACKET_MULTIPLIER = 1.1
+SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
+BREAK = "BREAK"
+BREAK_WEIGHT = -1.0
+COMMA_TOKEN = ",</w>"
+
+# One lexical unit of a prompt per match, tried in this order:
+#   a backslash and the bracket or backslash it escapes (a lone backslash escapes nothing and vanishes),
+#   an opening bracket, an explicit weight that closes a round bracket `:1.3)`, a closing bracket,
+#   a run of plain text, or a `:` that does not start a weight.
+# The number only matches what `float` reads (at most one dot, at least one digit), so `(a:1.2.3)` is plain text
+# `a:1.2.3` in a round bracket instead of an error.
+_EMPHASIS_TOKEN = re.compile(
+    r"""
+    (?P<escape>\\[()\[\]\\]?)
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\s*\)
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+|:)
+    """,
+    re.VERBOSE,
+)
+_BREAK_SPLIT = re.compile(rf"\s*\b{BREAK}\b\s*", re.DOTALL)
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """Splits a prompt into pieces of text and their emphasis weights.
+
+    `(x)` multiplies the weight of `x` by 1.1, `[x]` divides it by 1.1, `(x:w)` multiplies it by `w`; nested brackets
+    multiply. `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are literal characters. A closing bracket without an opener is
+    plain text; an opener never closed weights everything after it. The word `BREAK` becomes the piece
+    `("BREAK", -1.0)`, with the whitespace around it dropped. Adjacent pieces of equal weight are merged.
+
+    Returns:
+      [(text, weight), ...], never empty: an empty prompt gives `[("", 1.0)]`.
+    """
+    pieces: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    round_openers: list[int] = []  # index in `pieces` where each open bracket starts
+    square_openers: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= multiplier
+
+    for match in _EMPHASIS_TOKEN.finditer(text):
+        token = match.group(0)
+        if match.group("escape") is not None:
+            pieces.append([token[1:], 1.0])
+        elif token == "(":
+            round_openers.append(len(pieces))
+        elif token == "[":
+            square_openers.append(len(pieces))
+        elif match.group("weight") is not None and round_openers:
+            multiply_from(round_openers.pop(), float(match.group("weight")))
+        elif token == ")" and round_openers:
+            multiply_from(round_openers.pop(), ROUND_BRACKET_MULTIPLIER)
+        elif token == "]" and square_openers:
+            multiply_from(square_openers.pop(), SQUARE_BRACKET_MULTIPLIER)
+        else:
+            # Plain text, or a bracket (or weight) with nothing to close: literal.
+            for i, part in enumerate(_BREAK_SPLIT.split(token)):
+                if i > 0:
+                    pieces.append([BREAK, BREAK_WEIGHT])
+                pieces.append([part, 1.0])
+
+    # Unclosed brackets reach to the end of the prompt: all round ones, then all square ones, each in opening order.
+    for start in round_openers:
+        multiply_from(start, ROUND_BRACKET_MULTIPLIER)
+    for start in square_openers:
+        multiply_from(start, SQUARE_BRACKET_MULTIPLIER)
+
+    merged: list[tuple[str, float]] = []
+    for piece_text, weight in pieces:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + piece_text, weight)
+        else:
+            merged.append((piece_text, weight))
+    return merged or [("", 1.0)]
+
+
+def split_into_chunks(
+    stream: list[tuple[int, float] | None], chunk_length: int, comma_id: int, comma_backtrack: int
+) -> list[list[tuple[int, float]]]:
+    """Cuts a stream of (token id, weight) into chunks of at most `chunk_length` tokens; `None` is a BREAK.
+
+    A full chunk is closed when one more token arrives. If its last comma is at most `comma_backtrack` tokens
+    from its end, it is closed right after that comma instead and the tokens after the comma open the next chunk
+    (0 turns this off). A comma that arrives when the chunk is already full opens the next chunk and is not
+    remembered as a break point. A BREAK closes the current chunk, even an empty one.
+
+    Returns:
+      the chunks, unpadded; at least one (an empty stream gives one empty chunk).
+    """
+    chunks: list[list[tuple[int, float]]] = []
+    chunk: list[tuple[int, float]] = []
+    last_comma = -1  # index of the last comma in `chunk`
+    for item in stream:
+        if item is None:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+            continue
+        if item[0] == comma_id:
+            last_comma = len(chunk)
+        elif (
+            comma_backtrack > 0
+            and len(chunk) == chunk_length
+            and last_comma != -1
+            and len(chunk) - last_comma <= comma_backtrack
+        ):
+            chunks.append(chunk[: last_comma + 1])
+            chunk, last_comma = chunk[last_comma + 1 :], -1
+        if len(chunk) == chunk_length:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+        chunk.append(item)
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return chunks
+
+
+def frame_chunk(
+    chunk: list[tuple[int, float]], chunk_length: int, start_id: int, end_id: int, pad_id: int
+) -> tuple[list[int], list[float]]:
+    """One chunk as the text encoder takes it: start, tokens, end tokens up to `chunk_length`, end.
+
+    Everything after the first end token then becomes `pad_id` (SD 2 pads with `!`, SD 1 with the end token).
+    Start, end and padding have weight 1.0.
+
+    Returns:
+      (ids, weights), each of length `chunk_length + 2`.
+    """
+    n_fill = chunk_length - len(chunk)
+    ids = [start_id] + [token for token, _ in chunk] + [end_id] * n_fill + [end_id]
+    weights = [1.0] + [weight for _, weight in chunk] + [1.0] * n_fill + [1.0]
+    if pad_id != end_id:
+        first_end = ids.index(end_id)
+        ids[first_end + 1 :] = [pad_id] * (len(ids) - first_end - 1)
+    return ids, weights
+
+
+def tokenize_weighted(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    text: str,
+    *,
+    chunk_length: int = 75,
+    comma_backtrack: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt with emphasis as token ids and per-token weights, in chunks of `chunk_length` tokens.
+
+    Each piece of `parse_emphasis(text)` is tokenized on its own and its tokens carry its weight. Chunks are cut
+    as `split_into_chunks` describes and framed by `frame_chunk`.
+
+    Args:
+      tokenizer: a CLIP tokenizer (its start, end and pad tokens and `,</w>` are used).
+      text: one prompt.
+      chunk_length: text tokens per chunk (75, so that a chunk with start and end is the encoder's 77).
+      comma_backtrack: how far back a comma may be to end a full chunk early; 0 disables it.
+
+    Returns:
+      (ids, weights): int32 and float32, both (n_chunks, chunk_length + 2).
+    """
+    pieces = parse_emphasis(text)
+    piece_ids = tokenizer([piece for piece, _ in pieces], add_special_tokens=False, verbose=False)["input_ids"]
+    stream: list[tuple[int, float] | None] = []
+    for (piece, weight), ids in zip(pieces, piece_ids, strict=True):
+        if piece == BREAK and weight == BREAK_WEIGHT:
+            stream.append(None)
+        else:
+            stream.extend((int(token), weight) for token in ids)
+
+    comma_id = tokenizer.convert_tokens_to_ids(COMMA_TOKEN)
+    chunks = split_into_chunks(stream, chunk_length, comma_id, comma_backtrack)
+    framed = [
+        frame_chunk(chunk, chunk_length, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for chunk in chunks
+    ]
+    ids = np.array([chunk_ids for chunk_ids, _ in framed], dtype=np.int32)
+    weights = np.array([chunk_weights for _, chunk_weights in framed], dtype=np.float32)
+    return ids, weights
+
+
+def weighted_mean_restore(z: jax.Array | np.ndarray, weights: jax.Array | np.ndarray) -> jax.Array:
+    """Emphasis on text encoder output: each token's vector scaled by its weight, then each chunk rescaled so its
+    mean over tokens and channels is what it was before (the web UI's default "Original" emphasis).
+
+    Computed in float32, returned in `z`'s dtype; works inside `jax.jit`.
+
+    Args:
+      z: (..., T, D) encoder hidden states, e.g. (n_chunks, 77, D) for one prompt's chunks.
+      weights: (..., T) per-token weights, as from `tokenize_weighted`.
+
+    Returns:
+      (..., T, D) like `z`. With all weights 1 it is `z` exactly.
+    """
+    z = jnp.asarray(z)
+    z32 = z.astype(jnp.float32)
+    original_mean = z32.mean(axis=(-2, -1), keepdims=True)
+    weighted = z32 * jnp.asarray(weights).astype(jnp.float32)[..., None]
+    restored = weighted * (original_mean / weighted.mean(axis=(-2, -1), keepdims=True))
+    return restored.astype(z.dtype)
