@@ -20,6 +20,10 @@ setup(
         "safetensors>=0.5",
         "transformers>=5.0",
         "tqdm>=4.66",
+        # The invisible watermark's DWT-DCT method; the `invisible-watermark` package itself is installed with
+        # `pip install --no-deps invisible-watermark`, since its metadata requires torch (used only by RivaGAN).
+        "PyWavelets>=1.4",
+        "opencv-python-headless>=4.8",
     ],
     extras_require={
         "cuda": ["jax[cuda13]>=0.10"],

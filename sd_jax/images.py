@@ -1,14 +1,14 @@
-"""Images in and out: writing PNGs without ever overwriting or leaving a half-written file."""
+"""Images in and out: PNGs with text chunks and a watermark, never overwritten or left half-written; their texts."""
 
 from __future__ import annotations
 
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
@@ -18,21 +18,49 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_pngs(images: Sequence[Image.Image], folder: str | os.PathLike, seeds: Sequence[int]) -> list[Path]:
+def png_info(texts: Mapping[str, str]) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: tEXt where the value is Latin-1 (what PNG's tEXt allows), iTXt (UTF-8) otherwise."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in texts.items():
+        info.add_text(key, value)  # falls back to add_itxt for text Latin-1 cannot encode
+    return info
+
+
+def save_pngs(
+    images: Sequence[Image.Image],
+    folder: str | os.PathLike,
+    seeds: Sequence[int],
+    *,
+    texts: Sequence[Mapping[str, str]] | None = None,
+    watermark: bytes | None = None,
+) -> list[Path]:
     """Saves images as `<number>-<seed>.png` in `folder`, numbering on from the files already there.
 
     Each file is written under a temporary name and hard-linked to its final name, which fails rather than
     replaces when that name exists (another process got there first): then the next number is tried.
+
+    Args:
+      texts: PNG text chunks for each image (e.g. AUTOMATIC1111's `parameters` and sd_jax's settings).
+      watermark: a payload to embed as the invisible DWT-DCT watermark (`sd_jax.watermark`); images too small
+        to carry one (`watermark_fits`) are saved without it.
     """
     folder = Path(folder)
+    images = list(images)
+    if texts is not None and len(texts) != len(images):
+        raise ValueError(f"{len(texts)} sets of PNG texts for {len(images)} images")
+    if watermark is not None:
+        from sd_jax.watermark import add_watermark
+
+        images = [add_watermark(image, watermark) for image in images]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     number = _next_number(folder)
-    for image, seed in zip(images, seeds, strict=True):
+    for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+        info = png_info(texts[i]) if texts is not None else None
         fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                image.save(f, format="PNG")
+                image.save(f, format="PNG", pnginfo=info)
             while True:
                 path = folder / f"{number:05d}-{seed}.png"
                 number += 1
@@ -45,3 +73,19 @@ def save_pngs(images: Sequence[Image.Image], folder: str | os.PathLike, seeds: S
             os.unlink(tmp)
         paths.append(path)
     return paths
+
+
+def read_png_texts(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of the PNG at `path`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is not a PNG image (one line).
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise ValueError(f"{path} is not a PNG image")
+            return {str(k): str(v) for k, v in image.text.items()}
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not a PNG image") from None

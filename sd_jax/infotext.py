@@ -1,0 +1,312 @@
+"""AUTOMATIC1111's "parameters" infotext: writing it from sd_jax settings, reading it back, the model hash.
+
+The layout, as AUTOMATIC1111's web UI writes it into a PNG's `parameters` text chunk:
+
+    a photo of a cat                      the prompt (any number of lines)
+    Negative prompt: blurry               only when there is one (any number of lines)
+    Steps: 20, Sampler: DPM++ 2M, ...     `Key: value` pairs; values with `,` `:` or a newline are JSON strings
+
+sd_jax's complete settings travel beside it, as JSON, in the `SETTINGS_KEY` chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's PNG text chunk
+SETTINGS_KEY = "sd_jax"  # sd_jax's own PNG text chunk: json.dumps(settings, sort_keys=True)
+
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "unipc": "UniPC",
+}
+A1111_SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+# AUTOMATIC1111's "fill" (blurred surrounding colours) has no sd_jax twin; sd_jax's "noise" is written as is.
+A1111_FILL_NAMES = {
+    "original": "original",
+    "noise": "noise",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+IMAGE_MODES = ("img2img", "inpaint", "outpaint", "upscale")  # modes that start from an image: strength applies
+MASK_MODES = ("inpaint", "outpaint")
+NEGATIVE_PREFIX = "Negative prompt:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack")
+
+_SAMPLERS_BY_A1111 = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
+_SCHEDULES_BY_A1111 = {v: k for k, v in A1111_SCHEDULE_NAMES.items()}
+_FILLS_BY_A1111 = {v: k for k, v in A1111_FILL_NAMES.items()}
+# `Key: value` with value a JSON string or anything up to the next comma.
+_PARAMETER = re.compile(r'\s*([^\s,:"][^,:"]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*?)\s*(?:,|$)')
+_SIZE = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*")
+_BLOCK = 1 << 20
+
+
+def format_number(value: numbers.Real) -> str:
+    """`7` for 7 and 7.0, `7.5`, `0.75`, `0.00001`: the shortest digits that read back to the same float."""
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if not math.isfinite(value):
+        return str(float(value))
+    return np.format_float_positional(value, trim="-")
+
+
+def quote(text: str) -> str:
+    """`text` as a JSON string when it holds a comma, colon or line break (or would not read back plainly)."""
+    if any(c in text for c in ',:\n\r"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return format_number(value)
+    return quote(str(value))
+
+
+def _present(settings: Mapping, key: str) -> bool:
+    return settings.get(key) is not None
+
+
+def infotext_parameters(settings: Mapping) -> dict[str, Any]:
+    """The `Key: value` pairs of the parameter line, in AUTOMATIC1111's order, from sd_jax's settings keys.
+
+    Unknown sampler, schedule or fill names are written unchanged.
+    """
+    s = settings
+    mode = s.get("mode")
+    masked = mode is None or mode in MASK_MODES
+    params: dict[str, Any] = {}
+    if _present(s, "steps"):
+        params["Steps"] = s["steps"]
+    if _present(s, "sampler"):
+        params["Sampler"] = A1111_SAMPLER_NAMES.get(s["sampler"], s["sampler"])
+    if _present(s, "schedule"):
+        params["Schedule type"] = A1111_SCHEDULE_NAMES.get(s["schedule"], s["schedule"])
+    if _present(s, "guidance_scale"):
+        params["CFG scale"] = s["guidance_scale"]
+    if _present(s, "seed"):
+        params["Seed"] = s["seed"]
+    if _present(s, "width") and _present(s, "height"):
+        params["Size"] = f"{format_number(s['width'])}x{format_number(s['height'])}"
+    if _present(s, "model_hash"):
+        params["Model hash"] = s["model_hash"]
+    if _present(s, "model_name"):
+        params["Model"] = s["model_name"]
+    if _present(s, "strength") and mode != "txt2img":
+        params["Denoising strength"] = s["strength"]
+    if _present(s, "clip_skip") and s["clip_skip"] > 1:
+        params["Clip skip"] = s["clip_skip"]
+    if s.get("sampler") == "ddim" and s.get("eta"):
+        params["Eta DDIM"] = s["eta"]
+    if masked and _present(s, "mask_blur"):
+        params["Mask blur"] = s["mask_blur"]
+    if masked and s.get("only_masked"):
+        params["Inpaint area"] = "Only masked"
+        if _present(s, "padding"):
+            params["Masked area padding"] = s["padding"]
+    if masked and _present(s, "fill"):
+        params["Masked content"] = A1111_FILL_NAMES.get(s["fill"], s["fill"])
+    if _present(s, "upscale"):
+        params["Hires upscale"] = s["upscale"]
+    if _present(s, "version"):
+        params["Version"] = f"sd_jax {s['version']}"
+    return params
+
+
+def format_infotext(settings: Mapping) -> str:
+    """AUTOMATIC1111's infotext for sd_jax `settings` (keys as in the pipeline: prompt, steps, sampler, ...).
+
+    Missing (or None) keys are left out, as are values that mean "off" (clip skip 1, DDIM eta 0, ...).
+    """
+    lines = []
+    if settings.get("prompt"):
+        lines.append(str(settings["prompt"]))
+    if settings.get("negative_prompt"):
+        lines.append(f"{NEGATIVE_PREFIX} {settings['negative_prompt']}")
+    params = infotext_parameters(settings)
+    if params:
+        lines.append(", ".join(f"{k}: {_value(v)}" for k, v in params.items()))
+    return "\n".join(lines)
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value[1:-1]
+    return value
+
+
+def parse_parameters(line: str) -> dict[str, str]:
+    """The `Key: value` pairs of a parameter line, values unquoted; text that is not a pair is skipped."""
+    return {m.group(1): _unquote(m.group(2)) for m in _PARAMETER.finditer(line)}
+
+
+def _is_parameter_line(line: str) -> bool:
+    # AUTOMATIC1111's rule (at least 3 pairs), plus any line with Steps, for short lines sd_jax may write.
+    params = parse_parameters(line)
+    return len(params) >= 3 or "Steps" in params
+
+
+def parse_infotext(text: str) -> dict:
+    """Splits AUTOMATIC1111-style infotext into its parts.
+
+    Returns:
+      {"prompt": str, "negative_prompt": str, "parameters": {key: value string}}. The prompt is every line
+      before the `Negative prompt:` line, the negative prompt every line from it to the parameter line (the last
+      line, when it holds `Key: value` pairs).
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    parameters = parse_parameters(lines.pop()) if lines and _is_parameter_line(lines[-1]) else {}
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.lstrip().startswith(NEGATIVE_PREFIX):
+            negative = [line.lstrip()[len(NEGATIVE_PREFIX) :].lstrip()]
+        elif negative is not None:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    return {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative or []), "parameters": parameters}
+
+
+def sampler_from_a1111(name: str, schedule_type: str | None = None) -> tuple[str, str]:
+    """sd_jax's (sampler, schedule) for AUTOMATIC1111's sampler name and "Schedule type".
+
+    Older AUTOMATIC1111 versions name the schedule in the sampler ("DPM++ 2M Karras"); a plain name with no
+    schedule type means the sampler's own default schedule.
+
+    Raises:
+      ValueError: a sampler or schedule type sd_jax does not have.
+    """
+    name = name.strip()
+    by_lower = {k.lower(): v for k, v in _SAMPLERS_BY_A1111.items()}
+    schedule = "default"
+    sampler = _SAMPLERS_BY_A1111.get(name) or by_lower.get(name.lower())
+    if sampler is None and name in A1111_SAMPLER_NAMES:
+        sampler = name
+    if sampler is None:
+        for schedule_name, ours in _SCHEDULES_BY_A1111.items():
+            base = name[: -len(schedule_name)].rstrip()
+            if name.lower().endswith(" " + schedule_name.lower()) and base.lower() in by_lower:
+                sampler, schedule = by_lower[base.lower()], ours
+                break
+    if sampler is None:
+        raise ValueError(f"unknown sampler {name!r}; sd_jax has: {', '.join(A1111_SAMPLER_NAMES.values())}")
+    if schedule_type is not None:
+        by_lower = {k.lower(): v for k, v in _SCHEDULES_BY_A1111.items()}
+        if schedule_type.strip().lower() not in by_lower:
+            raise ValueError(
+                f"unknown schedule type {schedule_type!r}; sd_jax has: {', '.join(A1111_SCHEDULE_NAMES.values())}"
+            )
+        schedule = by_lower[schedule_type.strip().lower()]
+    return sampler, schedule
+
+
+def _number(params: Mapping[str, str], key: str, kind: type) -> int | float:
+    text = params[key].strip()
+    try:
+        value = float(text)
+        if kind is int:
+            if not value.is_integer():
+                raise ValueError
+            return int(text) if text.lstrip("+-").isdigit() else int(value)
+        return value
+    except ValueError:
+        raise ValueError(f"infotext {key!r} is not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def settings_from_infotext(text: str) -> dict:
+    """The sd_jax settings that AUTOMATIC1111-style infotext names; keys it does not name are left out.
+
+    Raises:
+      ValueError: an unknown sampler or schedule type, a malformed number or size (one line).
+    """
+    parsed = parse_infotext(text)
+    p = parsed["parameters"]
+    settings: dict[str, Any] = {"prompt": parsed["prompt"], "negative_prompt": parsed["negative_prompt"]}
+    for key, ours, kind in [
+        ("Steps", "steps", int),
+        ("CFG scale", "guidance_scale", float),
+        ("Seed", "seed", int),
+        ("Denoising strength", "strength", float),
+        ("Clip skip", "clip_skip", int),
+        ("Eta DDIM", "eta", float),
+        ("Mask blur", "mask_blur", int),
+        ("Masked area padding", "padding", int),
+        ("Hires upscale", "upscale", float),
+    ]:
+        if key in p:
+            settings[ours] = _number(p, key, kind)
+    if "Sampler" in p:
+        settings["sampler"], settings["schedule"] = sampler_from_a1111(p["Sampler"], p.get("Schedule type"))
+    if "Size" in p:
+        size = _SIZE.fullmatch(p["Size"])
+        if size is None:
+            raise ValueError(f"infotext 'Size' is not WIDTHxHEIGHT: {p['Size']!r}")
+        settings["width"], settings["height"] = int(size.group(1)), int(size.group(2))
+    if "Model hash" in p:
+        settings["model_hash"] = p["Model hash"]
+    if "Model" in p:
+        settings["model_name"] = p["Model"]
+    if "Inpaint area" in p:
+        settings["only_masked"] = p["Inpaint area"] == "Only masked"
+    if p.get("Masked content") in _FILLS_BY_A1111:
+        settings["fill"] = _FILLS_BY_A1111[p["Masked content"]]
+    return settings
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files under `folder`, sorted by relative path; hidden files and folders are skipped."""
+    files = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file() and not any(p.startswith(".") for p in relative.parts):
+            files.append(relative.as_posix())
+    return [folder / f for f in sorted(files)]
+
+
+def model_hash(path: str | os.PathLike | None) -> str | None:
+    """AUTOMATIC1111's "Model hash": the first 10 hex digits of the sha256 of the model's bytes.
+
+    A single file hashes its bytes (as AUTOMATIC1111 does). A folder (sd_jax-converted or diffusers) hashes the
+    bytes of its weight files (`*.safetensors`, `*.bin`, `*.msgpack`) one after another in sorted relative-path
+    order. None for None or a folder without weight files.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    files = _weight_files(path) if path.is_dir() else [path]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()[:10]
