@@ -206,7 +206,10 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
 
     pipeline_kwargs = {k: kwargs.pop(k) for k in ("mesh", "micro_batch") if k in kwargs}
     config, states, tokenizer = load_components(path, dtype, **kwargs)
-    return StableDiffusionPipeline(config, states, tokenizer, dtype=resolve_dtype(dtype), **pipeline_kwargs)
+    source = None if path is None else str(path)
+    return StableDiffusionPipeline(
+        config, states, tokenizer, dtype=resolve_dtype(dtype), source=source, **pipeline_kwargs
+    )
 
 
 __all__ = ["load", "load_components", "LoadError", "MODEL_TYPES"]

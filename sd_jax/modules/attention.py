@@ -16,7 +16,7 @@ _CPU_BLOCK_LOGITS = 1 << 21
 
 
 def scaled_dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False
+    q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False, mask: jax.Array | None = None
 ) -> jax.Array:
     """Multi-head softmax(q k^T / sqrt(d)) v with float32 logits and softmax.
 
@@ -24,6 +24,7 @@ def scaled_dot_product_attention(
       q: (B, Lq, H*d); k, v: (B, Lk, H*d).
       heads: H.
       upcast: also cast q and k to float32 before the product (SD 2.x `upcast_attention`, avoids fp16 overflow).
+      mask: optional (B, Lk) bool; keys where it is False get exactly zero weight.
 
     Returns:
       (B, Lq, H*d) in v's dtype.
@@ -34,17 +35,26 @@ def scaled_dot_product_attention(
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if jax.default_backend() == "cpu" and b * lq * lk >= _CPU_BLOCK_LOGITS:
-        return _blocked_attention(q, k, v, heads=heads)
+        return _blocked_attention(q, k, v, heads=heads, mask=mask)
     q = q.reshape(b, lq, heads, d)
     k = k.reshape(b, lk, heads, d)
     v = v.reshape(b, lk, heads, d)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = _mask_logits(logits, mask[:, None, None, :])
     weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return out.reshape(b, lq, inner)
 
 
-def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int) -> jax.Array:
+def _mask_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sets masked logits to the lowest float32: after the max subtraction their exp is exactly 0."""
+    return jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+
+
+def _blocked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, mask: jax.Array | None = None
+) -> jax.Array:
     """The same attention, one head and one block of queries at a time.
 
     On CPU the full (B, H, Lq, Lk) logits of a 64x64 latent (4096 tokens) are half a gigabyte: streaming them
@@ -66,7 +76,9 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int) 
     def one(args):
         i, q_block = args
         head = i // n
-        logits = jnp.matmul(q_block, kh[head], preferred_element_type=jnp.float32)
+        logits = jnp.matmul(q_block, kh[head], preferred_element_type=jnp.float32)  # (B, block, Lk)
+        if mask is not None:
+            logits = _mask_logits(logits, mask[:, None, :])
         weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
         return jnp.matmul(weights, vh[head])
 
@@ -108,10 +120,19 @@ class Attention(nnx.Module):
         self.to_out = nnx.List([linear(inner, query_dim, dtype=dtype, rngs=rngs)])
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        """x: (B, Lq, query_dim), context: (B, Lk, cross_attention_dim) or None -> (B, Lq, query_dim)."""
+        """x: (B, Lq, query_dim), context: (B, Lk, cross_attention_dim), or a (context, (B, Lk) bool mask) pair,
+        or None (self-attention) -> (B, Lq, query_dim)."""
+        mask = None
+        if isinstance(context, tuple):
+            context, mask = context
         context = x if context is None else context
         out = scaled_dot_product_attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), heads=self.heads, upcast=self.upcast_attention
+            self.to_q(x),
+            self.to_k(context),
+            self.to_v(context),
+            heads=self.heads,
+            upcast=self.upcast_attention,
+            mask=mask,
         )
         return self.to_out[0](out)
 

@@ -417,13 +417,21 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = GroupNorm(c.block_out_channels[0], groups, eps=eps, dtype=dtype, rngs=rngs)
         self.conv_out = conv2d(c.block_out_channels[0], c.out_channels, 3, dtype=dtype, rngs=rngs)
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        encoder_attention_mask: jax.Array | None = None,
+    ) -> jax.Array:
         """Predicts noise (or v) for noisy latents.
 
         Args:
           sample: (B, H, W, in_channels) noisy latents, NHWC.
           timesteps: (B,) or scalar, in the training schedule's units (0..999), any real dtype.
           encoder_hidden_states: (B, L, cross_attention_dim) text embeddings.
+          encoder_attention_mask: optional (B, L) bool, False for padding tokens that cross-attention must
+            ignore (prompts padded to a bucketed length).
 
         Returns:
           (B, H, W, out_channels) in the dtype of `sample`.
@@ -433,6 +441,9 @@ class UNet2DConditionModel(nnx.Module):
         b, h, w, _ = sample.shape
         x = sample.astype(self.dtype)
         context = encoder_hidden_states.astype(self.dtype)
+        if encoder_attention_mask is not None:
+            # Only cross-attention looks inside: every block passes the context through unchanged.
+            context = (context, encoder_attention_mask)
         if c.center_input_sample:
             x = 2 * x - 1
         t = jnp.broadcast_to(jnp.asarray(timesteps).astype(jnp.float32).reshape(-1), (b,))
