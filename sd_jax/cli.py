@@ -1,13 +1,22 @@
-"""What the absl scripts share: turning a user's mistake into one line on stderr and a non-zero exit."""
+"""What the absl scripts share: their common flags, the generate-and-save run, and one-line user errors.
+
+Each script defines its own flags (the input image, strength, mask, ...) beside `define_common_flags()`, then calls
+`run_script(mode, FLAGS)`: load, check, generate with a progress bar, save PNGs with AUTOMATIC1111's `parameters`
+text, sd_jax's JSON settings and the invisible watermark.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 from sd_jax.convert.params import ConversionError
 from sd_jax.convert.torch_files import CheckpointError
 from sd_jax.loading import LoadError
 from sd_jax.tokenizer import BPEVocabNotFoundError
+from sd_jax.watermark import WatermarkUnavailableError
 
 USER_ERRORS = (
     ValueError,
@@ -20,6 +29,23 @@ USER_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
     PermissionError,
+    WatermarkUnavailableError,
+)
+
+# The settings of each mode that --from_png takes back from a PNG (the rest come from the command line).
+_REGENERATED = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "sampler",
+    "schedule",
+    "guidance_scale",
+    "seed",
+    "width",
+    "height",
+    "clip_skip",
+    "eta",
+    "guidance_rescale",
 )
 
 
@@ -37,6 +63,11 @@ def _raise(error: Exception):
     raise error
 
 
+def fail(message: str):
+    """Exits 1 with `error: message`."""
+    run_or_exit(_raise, ValueError(message))
+
+
 def quiet_logs() -> None:
     """Keeps absl's INFO chatter (e.g. JAX probing for a TPU) off a script's stderr."""
     from absl import logging
@@ -44,49 +75,187 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def generate_to_pngs(flags_) -> list:
-    """The txt2img script's work: load, generate with a progress bar, save; user errors exit with one line."""
-    from tqdm import tqdm
+def define_common_flags(*, image_size_default: int | None) -> None:
+    """The flags every generation script takes. image_size_default: --height/--width default (None: the input's)."""
+    from absl import flags
 
-    from sd_jax.images import save_pngs
-    from sd_jax.loading import load
+    flags.DEFINE_string("model", None, "Converted folder, diffusers folder or single file; default: tiny random model.")
+    flags.DEFINE_string("prompt", None, "What to draw (AUTOMATIC1111 syntax: (word:1.3), [word], BREAK).")
+    flags.DEFINE_string("negative_prompt", "", "What to steer away from (same syntax).")
+    flags.DEFINE_integer("steps", 50, "Denoising steps.")
+    flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (<= 1 turns guidance off).")
+    flags.DEFINE_string("sampler", "ddim", "Sampler name (see scripts/txt2img.py --list_samplers).")
+    flags.DEFINE_string("schedule", "default", "Noise schedule: default, karras or exponential.")
+    flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 ancestral.")
+    flags.DEFINE_float("guidance_rescale", 0.0, "Rescale of the guided prediction, in [0, 1].")
+    flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
+    flags.DEFINE_integer("height", image_size_default, "Image height in pixels, a multiple of 8.")
+    flags.DEFINE_integer("width", image_size_default, "Image width in pixels, a multiple of 8.")
+    flags.DEFINE_integer("num_images", 1, "How many images.")
+    flags.DEFINE_integer("clip_skip", 1, "1: the text encoder's last layer; 2: the penultimate; ...")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter and compute dtype.")
+    flags.DEFINE_string("model_type", "auto", "Single files: sd15, sd15_inpainting, sd21_base, sd21_768_v, ...")
+    flags.DEFINE_string("bpe_vocab", None, "Single files / no model: CLIP's bpe_simple_vocab_16e6.txt.gz.")
+    flags.DEFINE_string("output_dir", "outputs", "Where the PNGs go (existing files are never overwritten).")
+    flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
 
-    if not flags_.prompt:
-        run_or_exit(_raise, ValueError("--prompt is required"))
-    if flags_.height % 8 or flags_.width % 8 or flags_.height <= 0 or flags_.width <= 0:
-        run_or_exit(
-            _raise, ValueError(f"height and width must be positive multiples of 8, got {flags_.height}x{flags_.width}")
-        )
-    if flags_.model is None:
+
+def settings_from_png(path: str) -> dict:
+    """The generation settings stored in a PNG: sd_jax's JSON chunk, else AUTOMATIC1111's `parameters` text."""
+    from sd_jax import infotext
+    from sd_jax.images import read_png_texts
+
+    texts = read_png_texts(path)
+    if infotext.SETTINGS_KEY in texts:
+        try:
+            settings = json.loads(texts[infotext.SETTINGS_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: its {infotext.SETTINGS_KEY!r} text chunk is not valid JSON") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: its {infotext.SETTINGS_KEY!r} text chunk is not a JSON object")
+        return settings
+    if infotext.PARAMETERS_KEY in texts:
+        return {"mode": "txt2img", **infotext.settings_from_infotext(texts[infotext.PARAMETERS_KEY])}
+    raise ValueError(f"{path} carries no generation settings (no {infotext.PARAMETERS_KEY!r} or sd_jax text)")
+
+
+def _settings(mode: str, flags_, extra: Mapping) -> dict:
+    settings = {
+        "mode": mode,
+        "prompt": flags_.prompt,
+        "negative_prompt": flags_.negative_prompt,
+        "steps": flags_.steps,
+        "sampler": flags_.sampler,
+        "schedule": flags_.schedule,
+        "guidance_scale": flags_.guidance_scale,
+        "seed": flags_.seed,
+        "clip_skip": flags_.clip_skip,
+        "eta": flags_.eta,
+        "guidance_rescale": flags_.guidance_rescale,
+        "dtype": flags_.dtype,
+        "model": flags_.model,
+    }
+    if flags_.height is not None:
+        settings["height"] = flags_.height
+    if flags_.width is not None:
+        settings["width"] = flags_.width
+    settings.update(extra)
+    return settings
+
+
+def _apply_png(settings: dict, flags_) -> dict:
+    """--from_png: the PNG's settings replace the command line's, with one image of the PNG's seed."""
+    stored = run_or_exit(settings_from_png, flags_.from_png)
+    if stored.get("mode", "txt2img") != "txt2img":
+        fail(f"{flags_.from_png} was made by {stored['mode']}: --from_png regenerates txt2img images only")
+    settings.update({k: stored[k] for k in _REGENERATED if k in stored})
+    if flags_["model"].present == 0 and stored.get("model"):
+        settings["model"] = stored["model"]
+    if flags_["dtype"].present == 0 and stored.get("dtype"):
+        settings["dtype"] = stored["dtype"]
+    settings["num_images"] = 1
+    return settings
+
+
+def _announce(settings: Mapping) -> None:
+    if settings.get("model") is None:
         print(
             "no --model given: using the tiny random-weight model (sd_jax ships no trained weights), "
             "so the images are noise",
             file=sys.stderr,
         )
-    pipe = run_or_exit(load, flags_.model, flags_.dtype, model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
-    with tqdm(total=flags_.steps, desc="sampling", unit="step", file=sys.stderr) as bar:
+
+
+def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_settings: Mapping | None = None):
+    """A script's work: settings from flags (or --from_png), load, generate with a progress bar, save.
+
+    Args:
+      mode: "txt2img", "img2img", "inpaint", "outpaint" or "upscale": the pipeline method to call.
+      call_kwargs: the mode's own arguments (image, mask, strength, ...).
+      extra_settings: what the PNG metadata records of them (strength, mask_blur, ...).
+
+    Returns:
+      The paths of the written PNGs. User errors exit 1 with one line; nothing is half-written.
+    """
+    from tqdm import tqdm
+
+    from sd_jax import infotext, watermark
+    from sd_jax.config import SD2_PAD_TOKEN
+    from sd_jax.images import save_pngs
+    from sd_jax.loading import load
+
+    settings = _settings(mode, flags_, extra_settings or {})
+    settings["num_images"] = flags_.num_images
+    if mode == "txt2img" and getattr(flags_, "from_png", None):
+        settings = _apply_png(settings, flags_)
+    if not settings["prompt"]:
+        fail("--prompt is required")
+    if mode == "txt2img":
+        for side in ("height", "width"):
+            settings.setdefault(side, 512)
+        if settings["height"] % 8 or settings["width"] % 8 or settings["height"] <= 0 or settings["width"] <= 0:
+            fail(f"height and width must be positive multiples of 8, got {settings['height']}x{settings['width']}")
+    if flags_.watermark:
+        run_or_exit(watermark.check_available)
+    _announce(settings)
+    pipe = run_or_exit(
+        load, settings["model"], settings["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab
+    )
+    options = dict(
+        negative_prompt=settings["negative_prompt"],
+        steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"],
+        sampler=settings["sampler"],
+        schedule=settings["schedule"],
+        eta=settings["eta"],
+        seed=settings["seed"],
+        num_images=settings["num_images"],
+        clip_skip=settings["clip_skip"],
+        guidance_rescale=settings["guidance_rescale"],
+    )
+    if mode in ("txt2img", "img2img", "inpaint"):
+        options.update(height=settings.get("height"), width=settings.get("width"))
+    options.update(call_kwargs or {})
+    with tqdm(total=settings["steps"], desc="sampling", unit="step", file=sys.stderr) as bar:
 
         def progress(step, steps):
+            bar.total = steps
             bar.update(max(step - bar.n, 0))
 
-        images = run_or_exit(
-            pipe.txt2img,
-            flags_.prompt,
-            flags_.negative_prompt,
-            height=flags_.height,
-            width=flags_.width,
-            steps=flags_.steps,
-            guidance_scale=flags_.guidance_scale,
-            sampler=flags_.sampler,
-            schedule=flags_.schedule,
-            eta=flags_.eta,
-            seed=flags_.seed,
-            num_images=flags_.num_images,
-            clip_skip=flags_.clip_skip,
-            guidance_rescale=flags_.guidance_rescale,
-            progress=progress,
+        images = run_or_exit(getattr(pipe, mode), settings["prompt"], progress=progress, **options)
+
+    hash_ = infotext.model_hash(pipe.source)
+    common = {
+        **settings,
+        "model_hash": hash_,
+        "model_name": Path(pipe.source).stem if pipe.source else pipe.config.name,
+        "version": _version(),
+    }
+    seeds = [settings["seed"] + i % settings["num_images"] for i in range(len(images))]
+    texts = []
+    for image, seed in zip(images, seeds, strict=True):
+        one = {**common, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
+        texts.append(
+            {
+                infotext.PARAMETERS_KEY: infotext.format_infotext(one),
+                infotext.SETTINGS_KEY: json.dumps(one, sort_keys=True),
+            }
         )
-    return save_pngs(images, flags_.output_dir, [flags_.seed + i for i in range(len(images))])
+    payload = None
+    if flags_.watermark:
+        payload = watermark.PAYLOAD_SD2 if pipe.config.pad_token == SD2_PAD_TOKEN else watermark.PAYLOAD_SD1
+        if not all(watermark.watermark_fits(image) for image in images):
+            print(f"note: images under {watermark.MIN_SIZE} pixels a side carry no watermark", file=sys.stderr)
+    return run_or_exit(save_pngs, images, flags_.output_dir, seeds, texts=texts, watermark=payload)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sd_jax")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def list_samplers() -> str:

@@ -22,6 +22,8 @@ SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
 BREAK = "BREAK"
 BREAK_WEIGHT = -1.0
 COMMA_TOKEN = ",</w>"
+# `weighted_mean_restore` skips the rescale when a mean is below this fraction of the values' RMS.
+MEAN_RESTORE_MIN = 1e-3
 
 # One lexical unit of a prompt per match, tried in this order:
 #   a backslash and the bracket or backslash it escapes (a lone backslash escapes nothing and vanishes),
@@ -209,11 +211,17 @@ def weighted_mean_restore(z: jax.Array | np.ndarray, weights: jax.Array | np.nda
       weights: (..., T) per-token weights, as from `tokenize_weighted`.
 
     Returns:
-      (..., T, D) like `z`. With all weights 1 it is `z` exactly.
+      (..., T, D) like `z`. With all weights 1 it is `z` exactly. Where either mean is negligible next to the
+      values (below `MEAN_RESTORE_MIN` of their root mean square) the rescale is skipped: a ratio of two near-zero
+      means is noise that would blow the embeddings up (text encoders whose final layer norm has no bias give
+      exactly such means; trained SD encoders do not).
     """
     z = jnp.asarray(z)
     z32 = z.astype(jnp.float32)
     original_mean = z32.mean(axis=(-2, -1), keepdims=True)
     weighted = z32 * jnp.asarray(weights).astype(jnp.float32)[..., None]
-    restored = weighted * (original_mean / weighted.mean(axis=(-2, -1), keepdims=True))
-    return restored.astype(z.dtype)
+    new_mean = weighted.mean(axis=(-2, -1), keepdims=True)
+    floor = MEAN_RESTORE_MIN * jnp.sqrt(jnp.mean(jnp.square(weighted), axis=(-2, -1), keepdims=True))
+    usable = (jnp.abs(original_mean) > floor) & (jnp.abs(new_mean) > floor)
+    ratio = jnp.where(usable, original_mean / jnp.where(usable, new_mean, 1.0), 1.0)
+    return (weighted * ratio).astype(z.dtype)

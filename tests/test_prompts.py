@@ -299,3 +299,16 @@ def test_mean_restore_keeps_each_chunk_mean_and_scales_tokens(key, jit):
     token = 5
     ratio = (out[:, token] / out[:, 0]) / (z64[:, token] / z64[:, 0])
     np.testing.assert_allclose(ratio, np.broadcast_to(w64[:, token, None], ratio.shape), rtol=1e-5)
+
+
+def test_mean_restore_skips_negligible_means():
+    # Zero-mean rows (a layer norm without bias) have a mean of rounding noise: no rescale, no blow-up.
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((1, 77, 32)).astype(np.float32)
+    z -= z.mean(axis=-1, keepdims=True)
+    weights = np.ones((1, 77), np.float32)
+    weights[0, 3] = 1.5
+    out = np.asarray(prompts.weighted_mean_restore(z, weights))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0, 3], 1.5 * z[0, 3], rtol=1e-6)
+    np.testing.assert_array_equal(out[0, 4:], z[0, 4:])
