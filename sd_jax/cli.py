@@ -157,6 +157,28 @@ def _apply_png(settings: dict, flags_) -> dict:
     return settings
 
 
+def check_inputs(mode: str, call: Mapping) -> None:
+    """The checks of an editing call that need no model (files, sizes, mask, strength, margins), so a mistake is
+    reported before a checkpoint is loaded. The pipeline checks them again."""
+    import numpy as np
+
+    from sd_jax import editing
+    from sd_jax.pipeline import check_strength
+
+    if "image" not in call:
+        return
+    image = editing.load_image(call["image"], "init image")
+    if call.get("strength") is not None:
+        check_strength(call["strength"])
+    if mode == "inpaint":
+        editing.load_mask(call["mask"], image.size)
+    if mode == "outpaint":
+        margins = {k: call.get(k, 0) for k in ("left", "right", "top", "bottom")}
+        editing.extend_canvas(np.asarray(image), **margins, seam=call.get("seam", 8), rng=np.random.default_rng(0))
+    if mode == "upscale" and not call["scale"] > 0:
+        raise ValueError(f"scale must be a positive number, got {call['scale']!r}")
+
+
 def _announce(settings: Mapping) -> None:
     if settings.get("model") is None:
         print(
@@ -197,6 +219,7 @@ def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_sett
             fail(f"height and width must be positive multiples of 8, got {settings['height']}x{settings['width']}")
     if flags_.watermark:
         run_or_exit(watermark.check_available)
+    run_or_exit(check_inputs, mode, call_kwargs or {})
     _announce(settings)
     pipe = run_or_exit(
         load, settings["model"], settings["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab

@@ -312,7 +312,7 @@ class StableDiffusionPipeline:
           **options: as txt2img (steps, guidance_scale, sampler, schedule, eta, seed, num_images, latents,
             clip_skip, guidance_rescale, progress).
         """
-        _check_strength(strength)
+        check_strength(strength)
         image = editing.load_image(image, "init image")
         if height is None and width is None:
             width, height = editing.round_size(*image.size, self.latent_factor)
@@ -368,7 +368,7 @@ class StableDiffusionPipeline:
           height, width: with only_masked, the processing size (multiples of 8); otherwise ignored.
           **options: as txt2img.
         """
-        _check_strength(strength)
+        check_strength(strength)
         if fill not in editing.FILLS:
             raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(editing.FILLS)}")
         if not np.isfinite(mask_blur) or mask_blur < 0:
@@ -421,7 +421,7 @@ class StableDiffusionPipeline:
         editing.check_multiple(*image.size, self.latent_factor, what="the image to outpaint")
         if strength is None:
             strength = 1.0 if self.config.is_inpainting else 0.8
-        _check_strength(strength)
+        check_strength(strength)
         seed = options.get("seed", 0)
         canvas, _, alpha = editing.extend_canvas(
             np.asarray(image), left, right, top, bottom, seam=seam, rng=np.random.default_rng(seed)
@@ -696,7 +696,8 @@ class StableDiffusionPipeline:
         return inputs
 
 
-def _check_strength(strength: float) -> None:
+def check_strength(strength: float) -> None:
+    """Raises a one-line ValueError unless 0 <= strength <= 1."""
     if not isinstance(strength, (int, float, np.floating)) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength!r}")
 
