@@ -17,7 +17,6 @@ from PIL import Image
 
 import sd_jax
 from sd_jax import editing, tiling
-from sd_jax.sampling import samplers
 from tests.tiny_models import save_diffusers_pipeline, tiny_config
 
 PROMPT = "a photo of a cat"
@@ -277,9 +276,9 @@ def test_img2img_init_image_matters_below_strength_1(sd1):
     assert np.abs(a - b).mean() > 5
 
 
-# Each sampler compiles its own img2img loop (~8 s on a 2-core CPU; ddim, euler and dpmpp_2m come compiled from the
-# parity tests): entering the schedule part-way is where a multistep or second-order sampler would break.
-@pytest.mark.parametrize("sampler", samplers.ORDER)
+# Each sampler compiles its own img2img loop (~8-13 s on a 2-core CPU), so the pipeline runs one of each family;
+# tests/test_img2img_entry.py checks all 13 entered mid-schedule on an exact Gaussian problem.
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "euler_a", "dpm2", "dpmpp_2m_sde", "unipc"])
 def test_img2img_runs_with_every_sampler(sd1, sampler):
     _, pipe = sd1
     image = _random_image(10)
