@@ -192,8 +192,12 @@ class StableDiffusionPipeline:
         The latent distribution's mean is used (deterministic). Images over a megapixel are encoded in
         overlapping tiles (`sd_jax.tiling`) unless `tile` says otherwise.
         """
+        return self._encode_pixels(editing.to_model_range(np.asarray(image)), tile=tile)
+
+    def _encode_pixels(self, pixels: np.ndarray, *, tile: bool | None = None) -> np.ndarray:
+        """`encode_image` of a model-range image (H, W, 3) in [-1, 1]."""
         vae = self.config.vae
-        pixels = editing.to_model_range(np.asarray(image))[None]
+        pixels = np.asarray(pixels, np.float32)[None]
         height, width = pixels.shape[1:3]
         state = self.states["vae"]
         if tile if tile is not None else tiling.needs_tiling(height, width):
@@ -534,7 +538,7 @@ class StableDiffusionPipeline:
         masked = None
         if concat:
             masked_pixels = editing.masked_image(work_image, work_alpha)
-            masked = self._encode_masked(masked_pixels)
+            masked = self._encode_pixels(masked_pixels)
         start = Start(
             init=self.encode_image(work_image),
             strength=strength,
@@ -546,12 +550,6 @@ class StableDiffusionPipeline:
         if only_masked:
             return region, pixels
         return pixels[:, : image.shape[0], : image.shape[1]]
-
-    def _encode_masked(self, pixels: np.ndarray) -> np.ndarray:
-        """Scaled latents (h, w, C) of a model-range image (H, W, 3) in [-1, 1] (the masked image)."""
-        vae = self.config.vae
-        mean = self._encode_image(self.states["vae"], jnp.asarray(pixels[None], self.dtype))
-        return (np.asarray(mean, np.float32)[0] - float(vae.shift_factor or 0.0)) * float(vae.scaling_factor)
 
     def _check_size(self, height: int, width: int) -> None:
         f = self.latent_factor
