@@ -49,6 +49,21 @@ _REGENERATED = (
 )
 
 
+# The pipeline options every mode takes, under the same names in the settings.
+_OPTIONS = (
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "sampler",
+    "schedule",
+    "eta",
+    "seed",
+    "num_images",
+    "clip_skip",
+    "guidance_rescale",
+)
+
+
 def run_or_exit(fn, *args, **kwargs):
     """Calls fn; a user error (bad path, flag, checkpoint or size) exits 1 with a one-line message, no traceback."""
     try:
@@ -224,18 +239,7 @@ def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_sett
     pipe = run_or_exit(
         load, settings["model"], settings["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab
     )
-    options = dict(
-        negative_prompt=settings["negative_prompt"],
-        steps=settings["steps"],
-        guidance_scale=settings["guidance_scale"],
-        sampler=settings["sampler"],
-        schedule=settings["schedule"],
-        eta=settings["eta"],
-        seed=settings["seed"],
-        num_images=settings["num_images"],
-        clip_skip=settings["clip_skip"],
-        guidance_rescale=settings["guidance_rescale"],
-    )
+    options = {key: settings[key] for key in _OPTIONS}
     if mode in ("txt2img", "img2img", "inpaint"):
         options.update(height=settings.get("height"), width=settings.get("width"))
     options.update(call_kwargs or {})
@@ -254,7 +258,7 @@ def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_sett
         "model_name": Path(pipe.source).stem if pipe.source else pipe.config.name,
         "version": _version(),
     }
-    seeds = [settings["seed"] + i % settings["num_images"] for i in range(len(images))]
+    seeds = [settings["seed"] + i for i in range(len(images))]  # one prompt: image i has seed + i
     texts = []
     for image, seed in zip(images, seeds, strict=True):
         one = {**common, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 FILLS = ("original", "noise", "latent_noise", "latent_nothing")
+EMPTY_MASK = "the mask is empty: nothing to repaint (white marks the area to repaint)"
 OUTPAINT_NOISE_STD = 40.0  # pixel levels of Gaussian noise over the edge-stretched new area of an outpaint canvas
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -136,7 +137,7 @@ def load_mask(mask: Image.Image | str | os.PathLike | np.ndarray, size: tuple[in
         values = _float_mask(values.astype(np.float32) if values.dtype == bool else values)
     _check_mask_size(values, *size)
     if not (values >= 0.5).any():
-        raise ValueError("the mask is empty: nothing to repaint (white marks the area to repaint)")
+        raise ValueError(EMPTY_MASK)
     return values
 
 
@@ -279,7 +280,7 @@ def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tupl
     image_height, image_width = mask.shape
     rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
     if rows.size == 0:
-        raise ValueError("the mask is empty: nothing to repaint (white marks the area to repaint)")
+        raise ValueError(EMPTY_MASK)
     x0, x1 = max(0, int(cols[0]) - padding), min(image_width, int(cols[-1]) + 1 + padding)
     y0, y1 = max(0, int(rows[0]) - padding), min(image_height, int(rows[-1]) + 1 + padding)
     if (x1 - x0) * height > (y1 - y0) * width:  # wider than the processing size: grow the height
@@ -358,6 +359,12 @@ def paste_crop(
 # Starting content
 
 
+def check_fill(fill: str) -> None:
+    """Raises a one-line ValueError unless `fill` is one of FILLS."""
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+
+
 def fill_masked(image: Image.Image | np.ndarray, mask: np.ndarray, fill: str, rng: np.random.Generator) -> np.ndarray:
     """The pixels the sampler starts from inside the mask, uint8 (H, W, 3).
 
@@ -365,8 +372,7 @@ def fill_masked(image: Image.Image | np.ndarray, mask: np.ndarray, fill: str, rn
     keep their bytes); "latent_noise" and "latent_nothing" fill in latent space (the pipeline's job), so the
     image is returned unchanged.
     """
-    if fill not in FILLS:
-        raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+    check_fill(fill)
     image = _rgb_array(image, "image")
     mask = _float_mask(mask)
     _check_mask_size(mask, image.shape[1], image.shape[0])

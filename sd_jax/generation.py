@@ -99,11 +99,12 @@ def _sample_and_decode(unet, vae, inputs: dict, context, keys, data: LoopData, s
     after_step = None
     if static.inpaint == BLEND:
         mask, init = inputs["mask"], inputs["init"]
+        clean = init / data.final_scale  # the image's latents after the last step, before the final rescale
 
         def after_step(i, x):
             # The known region follows the image's own latents, noised with the starting noise to the level the
-            # next step starts from; after the last step, the clean latents (undoing the final rescale).
-            known = jnp.where(i == data.num_steps - 1, init / data.final_scale, init + noise * data.sigmas[i + 1])
+            # next step starts from; after the last step, the clean latents.
+            known = jnp.where(i == data.num_steps - 1, clean, init + noise * data.sigmas[i + 1])
             return mask * x + (1.0 - mask) * known
 
     latents = samplers.run(

@@ -141,10 +141,8 @@ class StableDiffusionPipeline:
         """(n_chunks, 77, D) weighted chunk embeddings of a prompt, in the pipeline's dtype.
 
         Every chunk is encoded alone (batch 1): an embedding must not depend on which other prompts share a call.
+        The text encoder checks `clip_skip` (a one-line ValueError).
         """
-        if not isinstance(clip_skip, int) or not 1 <= clip_skip <= self.config.text_encoder.num_hidden_layers:
-            layers = self.config.text_encoder.num_hidden_layers
-            raise ValueError(f"clip_skip must be an integer between 1 and {layers}, got {clip_skip!r}")
         length = self.config.text_encoder.max_position_embeddings
         ids, weights = tokenize_weighted(self.tokenizer, text, chunk_length=length - 2)
         state = self.states["text_encoder"]
@@ -218,9 +216,7 @@ class StableDiffusionPipeline:
         return np.clip(np.asarray(images, np.float32) / 2.0 + 0.5, 0.0, 1.0)
 
     def _check(self, height, width, steps, num_images, guidance_scale, eta, seed, sampler, schedule):
-        f = self.latent_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        self._check_size(height, width)
         if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         max_steps = self._scheduler["num_train_timesteps"]
@@ -373,8 +369,7 @@ class StableDiffusionPipeline:
           **options: as txt2img.
         """
         check_strength(strength)
-        if fill not in editing.FILLS:
-            raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(editing.FILLS)}")
+        editing.check_fill(fill)
         if not np.isfinite(mask_blur) or mask_blur < 0:
             raise ValueError(f"mask_blur must be a non-negative number, got {mask_blur!r}")
         if not isinstance(padding, int) or padding < 0:
@@ -473,8 +468,8 @@ class StableDiffusionPipeline:
         **options,
     ) -> list[Image.Image]:
         """Inpaints `image` (H, W, 3) uint8 where the soft mask `alpha` (H, W) is set, then pastes back."""
-        if not (alpha >= 0.5).any():
-            raise ValueError("the mask is empty: nothing to repaint (white marks the area to repaint)")
+        if not (alpha >= 0.5).any():  # e.g. a mask of a few pixels, blurred below one half
+            raise ValueError(editing.EMPTY_MASK)
         generated = self._inpaint_raw(
             prompt,
             image,

@@ -136,15 +136,10 @@ def _inpaint_inputs():
     return _random_image(2), mask
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
-def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monkeypatch, strength):
+def _diffusers_inpaint(reference, image: np.ndarray, mask: np.ndarray, strength: float, noise, monkeypatch):
+    """diffusers' StableDiffusionInpaintPipeline output (B, H, W, 3) in [0, 1], 6 steps, starting from `noise`."""
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint
 
-    reference, pipe = sd1_inpainting
-    assert type(reference).__name__ == "StableDiffusionInpaintPipeline"
-    reference.scheduler = _twin_scheduler(pipe, "DDIMScheduler", {})
-    image, mask = _inpaint_inputs()
-    noise = _unit_noise(3)
     if strength == 1.0:
         # At strength 1 diffusers takes `latents` as the pure noise it starts from.
         start = dict(latents=torch.from_numpy(noise.copy()))
@@ -167,7 +162,19 @@ def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monke
             **start,
         ).images
     if strength < 1.0:
-        assert calls == [noise.shape]
+        assert calls == [noise.shape]  # diffusers did add our noise
+    return expected
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monkeypatch, strength):
+
+    reference, pipe = sd1_inpainting
+    assert type(reference).__name__ == "StableDiffusionInpaintPipeline"
+    reference.scheduler = _twin_scheduler(pipe, "DDIMScheduler", {})
+    image, mask = _inpaint_inputs()
+    noise = _unit_noise(3)
+    expected = _diffusers_inpaint(reference, image, mask, strength, noise, monkeypatch)
     ours = pipe._inpaint_raw(PROMPT, image, mask, negative_prompt=NEGATIVE, strength=strength, steps=6, latents=noise)
     _assert_matches(f"9-channel inpainting, strength {strength}", ours, expected)
 
@@ -176,7 +183,6 @@ def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monke
 def test_blended_inpainting_matches_diffusers(sd1, argmax_encode, monkeypatch, sampler, strength):
     """An ordinary (4-channel) U-Net: diffusers' inpaint pipeline resets the known region after every step."""
     import diffusers
-    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint
 
     reference, pipe = sd1
     name, extra, schedule = IMG2IMG_TWINS[sampler]
@@ -188,26 +194,7 @@ def test_blended_inpainting_matches_diffusers(sd1, argmax_encode, monkeypatch, s
     mask = np.zeros((SIZE, SIZE), np.float32)
     mask[8:24, 0:16] = 1.0
     noise = _unit_noise(5)
-    if strength == 1.0:
-        start = dict(latents=torch.from_numpy(noise.copy()))
-    else:
-        calls = _fixed_noise(monkeypatch, pipeline_stable_diffusion_inpaint, noise)
-        start = {}
-    with torch.no_grad():
-        expected = inpaint(
-            PROMPT,
-            image=Image.fromarray(image),
-            mask_image=Image.fromarray((mask * 255).astype(np.uint8)),
-            negative_prompt=NEGATIVE,
-            height=SIZE,
-            width=SIZE,
-            strength=strength,
-            num_inference_steps=6,
-            output_type="np",
-            **start,
-        ).images
-    if strength < 1.0:
-        assert calls == [noise.shape]
+    expected = _diffusers_inpaint(inpaint, image, mask, strength, noise, monkeypatch)
     ours = pipe._inpaint_raw(
         PROMPT,
         image,

@@ -13,17 +13,8 @@ from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistep
 from sd_jax.sampling import dpmpp, plms, schedules, unipc
 from sd_jax.sampling.denoisers import vp_denoiser
 from tests import gaussian_problem
+from tests.test_ddim import SD_SCHEDULER
 
-SD_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "skip_prk_steps": True,
-}
 MAX_STEPS = 32  # one compiled loop per sampler serves every step count below
 
 
