@@ -11,7 +11,7 @@ from sd_jax.modules.clip_text import CLIPTextConfig
 from sd_jax.modules.unet import UNetConfig
 from sd_jax.modules.vae import VAEConfig
 
-PRESETS = ("sd15", "sd15_inpainting", "sd21_base", "sd21_768_v", "tiny")
+PRESETS = ("sd15", "sd15_inpainting", "sd21_base", "sd21_768_v", "tiny", "shapes64")
 
 # The noise schedule every Stable Diffusion 1.x / 2.x model was trained with, as its diffusers folders store it.
 SD_SCHEDULER = {

@@ -37,3 +37,20 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
         return array
     extra = np.repeat(array[-1:], size - array.shape[0], axis=0)
     return np.concatenate([array, extra], axis=0)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins a multi-host run: explicitly from the three flags, or through JAX's own detection (TPU pods, SLURM)
+    when none is given and such an environment is present; a single process otherwise. Call before any JAX work."""
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given):
+        if not all(given):
+            raise ValueError("multi-host needs all of --coordinator_address, --num_processes and --process_id")
+        # CPU processes exchange collectives over gloo (harmless where GPUs or TPUs do the work).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return
+    import os
+
+    if any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")):
+        jax.distributed.initialize()

@@ -16,6 +16,9 @@ layers per block, which blocks have attention, transformer depth), plus three sm
 table entry or skipped for a reason listed in `_skip_reason`; anything else is an error, as is an entry the
 table needs and the file lacks.
 
+`join_original` writes such a file from diffusers-named state dicts by reading the same tables the other way: a table
+is built from the names found on one side (`_Layout`), so the name mapping exists once.
+
 What a file cannot tell: whether the U-Net predicts epsilon or v (SD 2.x 768-v vs 512-base), nor the sample size.
 The caller decides those (a flag or a named config); `infer_configs` only reports what the weights determine.
 """
@@ -81,6 +84,24 @@ def _split_qkv(array: np.ndarray) -> tuple[np.ndarray, ...]:
     if array.shape[0] % 3:
         raise CheckpointError(f"fused q/k/v projection of shape {array.shape} does not split in thirds")
     return tuple(np.split(array, 3, axis=0))
+
+
+def _linear_to_conv1x1(array: np.ndarray) -> np.ndarray:
+    """The inverse of `_conv1x1_to_linear`: (C_out, C_in) -> (C_out, C_in, 1, 1)."""
+    return array.reshape(array.shape + (1,) * (4 - array.ndim))
+
+
+def _fuse_qkv(*arrays: np.ndarray) -> np.ndarray:
+    """The inverse of `_split_qkv`: q, k, v -> the fused in_proj."""
+    return np.concatenate(arrays, axis=0)
+
+
+# Each transform's inverse, for writing a file (`join_original`): targets -> the source tensor.
+_INVERSE: dict[Callable, Callable[..., np.ndarray]] = {
+    _same: lambda array: array,
+    _conv1x1_to_linear: _linear_to_conv1x1,
+    _split_qkv: _fuse_qkv,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,19 +173,43 @@ def _has_prefix(keys: Iterable[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The keys of one side of the tables, answering the structural questions the tables are built from.
+
+    The tables are built from the names found on either side: original names when reading a file
+    (`split_original`), diffusers names when writing one (`join_original`). Each question names the module on both
+    sides and only the side at hand is looked up, so one table serves both directions.
+    """
+
+    keys: frozenset[str]
+    original: bool
+
+    def has(self, src: str, dst: str, *, besides: str | None = None) -> bool:
+        """Whether module `src` (original name) / `dst` (diffusers name) has parameters; on the original side,
+        parameters other than those of the module `besides`."""
+        if not self.original:
+            return _has_prefix(self.keys, dst + ".")
+        return any(k.startswith(src + ".") and not (besides and k.startswith(besides + ".")) for k in self.keys)
+
+    def indices(self, src: str, dst: str) -> list[int]:
+        """The numbers N of the modules `src.N` (original) / `dst.N` (diffusers) found, sorted."""
+        return _indices(self.keys, (src if self.original else dst) + ".")
+
+
 # ----------------------------------------------------------------------------------------------------------- U-Net
 
 
-def _unet_resnet(keys: set[str], src: str, dst: str) -> list[Rename]:
+def _unet_resnet(layout: _Layout, src: str, dst: str) -> list[Rename]:
     table = _module(src, dst, _UNET_RESNET)
-    if f"{src}.skip_connection.weight" in keys or f"{src}.skip_connection.bias" in keys:
+    if layout.has(f"{src}.skip_connection", f"{dst}.conv_shortcut"):
         table += _wb(f"{src}.skip_connection", f"{dst}.conv_shortcut")
     return table
 
 
-def _unet_attention(keys: set[str], src: str, dst: str) -> list[Rename]:
+def _unet_attention(layout: _Layout, src: str, dst: str) -> list[Rename]:
     table = _module(src, dst, {"norm": "norm", "proj_in": "proj_in", "proj_out": "proj_out"})
-    for t in _indices(keys, f"{src}.transformer_blocks.") or [0]:
+    for t in layout.indices(f"{src}.transformer_blocks", f"{dst}.transformer_blocks") or [0]:
         block = f"transformer_blocks.{t}"
         table += _module(f"{src}.{block}", f"{dst}.{block}", {m: m for m in _TRANSFORMER_BLOCK_WB})
         table += [Rename(f"{src}.{block}.{m}.weight", (f"{dst}.{block}.{m}.weight",)) for m in _TRANSFORMER_BLOCK_W]
@@ -189,9 +234,12 @@ def unet_structure(keys: Iterable[str]) -> tuple[int, int]:
     return levels, layers_per_block
 
 
-def _unet_table(keys: set[str]) -> list[Rename]:
+def _unet_table(layout: _Layout) -> list[Rename]:
     """Name table for the U-Net, in un-prefixed original names -> diffusers names."""
-    levels, lpb = unet_structure(keys)
+    if layout.original:
+        levels, lpb = unet_structure(layout.keys)
+    else:
+        levels, lpb = len(_indices(layout.keys, "down_blocks.")), len(_indices(layout.keys, "down_blocks.0.resnets."))
     table = _wb("input_blocks.0.0", "conv_in")
     table += _wb("time_embed.0", "time_embedding.linear_1") + _wb("time_embed.2", "time_embedding.linear_2")
     table += _wb("out.0", "conv_norm_out") + _wb("out.2", "conv_out")
@@ -199,23 +247,23 @@ def _unet_table(keys: set[str]) -> list[Rename]:
     for i in range(levels):
         for j in range(lpb):
             block = f"input_blocks.{1 + i * (lpb + 1) + j}"
-            table += _unet_resnet(keys, f"{block}.0", f"down_blocks.{i}.resnets.{j}")
-            if _has_prefix(keys, f"{block}.1."):
-                table += _unet_attention(keys, f"{block}.1", f"down_blocks.{i}.attentions.{j}")
+            table += _unet_resnet(layout, f"{block}.0", f"down_blocks.{i}.resnets.{j}")
+            if layout.has(f"{block}.1", f"down_blocks.{i}.attentions.{j}"):
+                table += _unet_attention(layout, f"{block}.1", f"down_blocks.{i}.attentions.{j}")
         if i < levels - 1:
             table += _wb(f"input_blocks.{1 + i * (lpb + 1) + lpb}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
-    table += _unet_resnet(keys, "middle_block.0", "mid_block.resnets.0")
-    table += _unet_attention(keys, "middle_block.1", "mid_block.attentions.0")
-    table += _unet_resnet(keys, "middle_block.2", "mid_block.resnets.1")
+    table += _unet_resnet(layout, "middle_block.0", "mid_block.resnets.0")
+    table += _unet_attention(layout, "middle_block.1", "mid_block.attentions.0")
+    table += _unet_resnet(layout, "middle_block.2", "mid_block.resnets.1")
     # output_blocks: per level (lpb + 1) x (resnet [, attention]); the last of each level but the final one ends
     # with an upsampler, placed after the attention when there is one (`.2.conv`), else right after the resnet.
     for i in range(levels):
         for j in range(lpb + 1):
             block = f"output_blocks.{i * (lpb + 1) + j}"
-            table += _unet_resnet(keys, f"{block}.0", f"up_blocks.{i}.resnets.{j}")
-            has_attention = any(k.startswith(f"{block}.1.") and not k.startswith(f"{block}.1.conv.") for k in keys)
+            table += _unet_resnet(layout, f"{block}.0", f"up_blocks.{i}.resnets.{j}")
+            has_attention = layout.has(f"{block}.1", f"up_blocks.{i}.attentions.{j}", besides=f"{block}.1.conv")
             if has_attention:
-                table += _unet_attention(keys, f"{block}.1", f"up_blocks.{i}.attentions.{j}")
+                table += _unet_attention(layout, f"{block}.1", f"up_blocks.{i}.attentions.{j}")
             if i < levels - 1 and j == lpb:
                 table += _wb(f"{block}.{2 if has_attention else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv")
     return table
@@ -224,41 +272,41 @@ def _unet_table(keys: set[str]) -> list[Rename]:
 # ------------------------------------------------------------------------------------------------------------- VAE
 
 
-def _vae_resnet(keys: set[str], src: str, dst: str) -> list[Rename]:
+def _vae_resnet(layout: _Layout, src: str, dst: str) -> list[Rename]:
     table = _module(src, dst, _VAE_RESNET)
-    if f"{src}.nin_shortcut.weight" in keys or f"{src}.nin_shortcut.bias" in keys:
+    if layout.has(f"{src}.nin_shortcut", f"{dst}.conv_shortcut"):
         table += _wb(f"{src}.nin_shortcut", f"{dst}.conv_shortcut")
     return table
 
 
-def _vae_table(keys: set[str]) -> list[Rename]:
+def _vae_table(layout: _Layout) -> list[Rename]:
     """Name table for the VAE, in un-prefixed original names -> diffusers AutoencoderKL names."""
-    levels = len(_indices(keys, "encoder.down."))
-    lpb = len(_indices(keys, "encoder.down.0.block."))
-    up_levels = len(_indices(keys, "decoder.up."))
-    up_lpb = len(_indices(keys, "decoder.up.0.block."))
+    levels = len(layout.indices("encoder.down", "encoder.down_blocks"))
+    lpb = len(layout.indices("encoder.down.0.block", "encoder.down_blocks.0.resnets"))
+    up_levels = len(layout.indices("decoder.up", "decoder.up_blocks"))
+    up_lpb = len(layout.indices("decoder.up.0.block", f"decoder.up_blocks.{up_levels - 1}.resnets"))
     if not levels or not lpb or not up_levels or not up_lpb:
         raise CheckpointError("VAE: no encoder.down.N.block.M / decoder.up.N.block.M weights found")
     table = _wb("quant_conv", "quant_conv") + _wb("post_quant_conv", "post_quant_conv")
     for side in ("encoder", "decoder"):
         table += _wb(f"{side}.conv_in", f"{side}.conv_in") + _wb(f"{side}.conv_out", f"{side}.conv_out")
         table += _wb(f"{side}.norm_out", f"{side}.conv_norm_out")
-        table += _vae_resnet(keys, f"{side}.mid.block_1", f"{side}.mid_block.resnets.0")
-        table += _vae_resnet(keys, f"{side}.mid.block_2", f"{side}.mid_block.resnets.1")
+        table += _vae_resnet(layout, f"{side}.mid.block_1", f"{side}.mid_block.resnets.0")
+        table += _vae_resnet(layout, f"{side}.mid.block_2", f"{side}.mid_block.resnets.1")
         for a, b in _VAE_ATTENTION.items():
             src, dst = f"{side}.mid.attn_1.{a}", f"{side}.mid_block.attentions.0.{b}"
             table.append(Rename(f"{src}.weight", (f"{dst}.weight",), _same if a == "norm" else _conv1x1_to_linear))
             table.append(Rename(f"{src}.bias", (f"{dst}.bias",)))
     for i in range(levels):
         for j in range(lpb):
-            table += _vae_resnet(keys, f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}")
+            table += _vae_resnet(layout, f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}")
         if i < levels - 1:
             table += _wb(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
     # The decoder's `up` list runs from the highest resolution (up.0) to the lowest; diffusers' up_blocks the other way.
     for n in range(up_levels):
         i = up_levels - 1 - n
         for j in range(up_lpb):
-            table += _vae_resnet(keys, f"decoder.up.{n}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}")
+            table += _vae_resnet(layout, f"decoder.up.{n}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}")
         if n > 0:
             table += _wb(f"decoder.up.{n}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv")
     return table
@@ -267,32 +315,51 @@ def _vae_table(keys: set[str]) -> list[Rename]:
 # ---------------------------------------------------------------------------------------------------- text encoders
 
 
-def _clip_table(keys: set[str]) -> list[Rename]:
+def _clip_table(layout: _Layout) -> list[Rename]:
     """SD 1.x: Hugging Face CLIP already, names kept (the `text_model.` prefix is dropped by the caller's prefix)."""
     table = [
         Rename("embeddings.token_embedding.weight", ("embeddings.token_embedding.weight",)),
         Rename("embeddings.position_embedding.weight", ("embeddings.position_embedding.weight",)),
     ]
     table += _wb("final_layer_norm", "final_layer_norm")
-    for n in _indices(keys, "encoder.layers."):
+    for n in layout.indices("encoder.layers", "encoder.layers"):
         table += _module(f"encoder.layers.{n}", f"encoder.layers.{n}", _CLIP_LAYER)
     return table
 
 
-def _open_clip_table(keys: set[str]) -> list[Rename]:
+def _open_clip_block(n: int) -> list[Rename]:
+    """One OpenCLIP residual block `transformer.resblocks.n` -> `encoder.layers.n`."""
+    src, dst = f"transformer.resblocks.{n}", f"encoder.layers.{n}"
+    table = _module(src, dst, _OPEN_CLIP_LAYER)
+    attn = f"{dst}.self_attn"
+    table.append(Rename(f"{src}.attn.in_proj_weight", tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), _split_qkv))
+    table.append(Rename(f"{src}.attn.in_proj_bias", tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), _split_qkv))
+    return table
+
+
+def _open_clip_table(layout: _Layout) -> list[Rename]:
     """SD 2.x: OpenCLIP ViT-H/14 text tower -> CLIPTextModel names, without the unused last resblock."""
     table = [
         Rename("token_embedding.weight", ("embeddings.token_embedding.weight",)),
         Rename("positional_embedding", ("embeddings.position_embedding.weight",)),
     ]
     table += _wb("ln_final", "final_layer_norm")
-    for n in _indices(keys, "transformer.resblocks.")[:-1]:
-        src, dst = f"transformer.resblocks.{n}", f"encoder.layers.{n}"
-        table += _module(src, dst, _OPEN_CLIP_LAYER)
-        attn = f"{dst}.self_attn"
-        table.append(Rename(f"{src}.attn.in_proj_weight", tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), _split_qkv))
-        table.append(Rename(f"{src}.attn.in_proj_bias", tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), _split_qkv))
+    blocks = layout.indices("transformer.resblocks", "encoder.layers")
+    if layout.original:
+        # A file has one block more than the model runs: SD 2.x conditions on the penultimate layer.
+        blocks = blocks[:-1]
+    for n in blocks:
+        table += _open_clip_block(n)
     return table
+
+
+def _tables(layouts: Mapping[str, _Layout], sd2: bool) -> dict[str, list[Rename]]:
+    """The three components' name tables (un-prefixed original names -> diffusers names)."""
+    return {
+        "unet": _unet_table(layouts["unet"]),
+        "vae": _vae_table(layouts["vae"]),
+        "text_encoder": (_open_clip_table if sd2 else _clip_table)(layouts["text_encoder"]),
+    }
 
 
 def _clip_prefix(keys: Iterable[str]) -> str:
@@ -444,14 +511,16 @@ def split_original(
     last_resblock = resblocks[-1] if resblocks else None
 
     unet_source = _ema_key if ema_in_use else (lambda k: k)
-    tables = {
-        "unet": [dataclasses.replace(r, source=unet_source(UNET + r.source)) for r in _unet_table(unet_keys)],
-        "vae": [dataclasses.replace(r, source=VAE + r.source) for r in _vae_table(vae_keys)],
-        "text_encoder": [
-            dataclasses.replace(r, source=text_prefix + r.source)
-            for r in (_open_clip_table(text_keys) if sd2 else _clip_table(text_keys))
-        ],
+    layouts = {
+        name: _Layout(frozenset(keys), original=True)
+        for name, keys in (("unet", unet_keys), ("vae", vae_keys), ("text_encoder", text_keys))
     }
+    prefixes = {"unet": UNET, "vae": VAE, "text_encoder": text_prefix}
+    tables = {
+        name: [dataclasses.replace(r, source=prefixes[name] + r.source) for r in table]
+        for name, table in _tables(layouts, sd2).items()
+    }
+    tables["unet"] = [dataclasses.replace(r, source=unet_source(r.source)) for r in tables["unet"]]
 
     components: dict[str, dict[str, np.ndarray]] = {}
     used: set[str] = set()
@@ -490,6 +559,68 @@ def split_original(
     for reason, count in Counter(skipped.values()).items():
         log.info("skipped %d keys: %s", count, reason)
     return components
+
+
+# ------------------------------------------------------------------------------------------------------------ join
+
+
+def join_original(components: Mapping[str, Mapping[str, np.ndarray]], model_type: str) -> dict[str, np.ndarray]:
+    """The inverse of `split_original`: diffusers-named components -> one original single-file state dict.
+
+    The same tables read the other way: built from the diffusers names found, each entry's targets become its
+    source through the inverse transform (1x1 convolutions for the VAE attention, fused OpenCLIP q/k/v). The U-Net
+    is written as `model.diffusion_model.*` (no EMA copy), the VAE as `first_stage_model.*`, the text encoder as
+    `cond_stage_model.transformer.text_model.*` (SD 1.x) or `cond_stage_model.model.*` (SD 2.x). An SD 2.x file
+    also gets the last OpenCLIP block, which Stable Diffusion never runs, as zeros (an identity block: its layer
+    norms output zeros, so neither residual branch adds anything), because readers drop a file's last block. No
+    schedule buffers are written: readers compute the schedule from the scheduler config.
+
+    Args:
+      components: {"unet", "vae", "text_encoder"} -> PyTorch-named, PyTorch-layout arrays, as `split_original`
+        returns them (text encoder names without `text_model.`).
+      model_type: one of MODEL_TYPES; sd1 or sd2 chooses the text encoder's layout.
+
+    Returns:
+      original name -> array (the given arrays themselves where no transform applies).
+
+    Raises:
+      ValueError: the components do not fit the original layout; lists the names the tables need and lack and the
+        names no table entry takes.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    sd2 = model_type.startswith("sd2")
+    layouts = {name: _Layout(frozenset(components[name]), original=False) for name in ("unet", "vae", "text_encoder")}
+    prefixes = {"unet": UNET, "vae": VAE, "text_encoder": OPEN_CLIP if sd2 else CLIP + "text_model."}
+    out: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+    untaken: list[str] = []
+    for name, table in _tables(layouts, sd2).items():
+        arrays = components[name]
+        left = set(arrays)
+        for rule in table:
+            lacking = [t for t in rule.targets if t not in arrays]
+            if lacking:
+                missing += [f"{name}.{t}" for t in lacking]
+                continue
+            left -= set(rule.targets)
+            source = prefixes[name] + rule.source
+            if source in out:
+                raise AssertionError(f"conversion table writes {source} twice")
+            out[source] = _INVERSE[rule.transform](*(np.asarray(arrays[t]) for t in rule.targets))
+        untaken += [f"{name}.{k}" for k in left]
+    if missing or untaken:
+        parts = [f"the model does not fit the original {model_type} single-file layout"]
+        if missing:
+            parts.append(_format_keys("weights the layout needs and the model lacks", missing))
+        if untaken:
+            parts.append(_format_keys("weights the layout has no place for", untaken))
+        raise ValueError("; ".join(parts))
+    if sd2:
+        layers = len(_indices(components["text_encoder"], "encoder.layers."))
+        for rule, like in zip(_open_clip_block(layers), _open_clip_block(0), strict=True):
+            out[OPEN_CLIP + rule.source] = np.zeros_like(out[OPEN_CLIP + like.source])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------- configs

@@ -141,6 +141,12 @@ def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `clip_state_dict_for_flax`: adds the `text_model.` prefix of hub folders' CLIPTextModel
+    weights, which every transformers version loads (transformers >= 5 itself saves the names without it)."""
+    return {f"text_model.{name}": value for name, value in state_dict.items()}
+
+
 def _layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     """Layer norm computed in float32 (stable in bf16 inference), cast back to the input dtype."""
     return norm(x.astype(jnp.float32)).astype(x.dtype)
