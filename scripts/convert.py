@@ -11,10 +11,11 @@ from absl import app, flags
 from sd_jax.loading import MODEL_TYPES
 
 flags.DEFINE_string("checkpoint", None, "A diffusers folder or an original .safetensors / .ckpt file.", required=True)
-flags.DEFINE_string("output", None, "The folder to write (must not exist).", required=True)
+flags.DEFINE_string("output", None, "The folder to write (must not exist, unless --overwrite).", required=True)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter dtype of the output.")
 flags.DEFINE_enum("model_type", "auto", list(MODEL_TYPES), "Single files: the model, when detection is not enough.")
 flags.DEFINE_string("bpe_vocab", None, "Single files: CLIP's bpe_simple_vocab_16e6.txt.gz (default: open_clip's).")
+flags.DEFINE_bool("overwrite", False, "Replace --output if it exists (the new folder is complete before it does).")
 flags.DEFINE_bool("ema", True, "Single files: use the EMA weights when the file has them.")
 FLAGS = flags.FLAGS
 
@@ -35,6 +36,7 @@ def main(argv):
         model_type=FLAGS.model_type,
         bpe_vocab=FLAGS.bpe_vocab,
         use_ema=FLAGS.ema,
+        overwrite=FLAGS.overwrite,
     )
     print(path)
 

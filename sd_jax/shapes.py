@@ -342,3 +342,16 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     out = padded.copy()
     out[box] = crop | (labels != labels[0, 0])
     return out[1:-1, 1:-1]
+
+
+def score_model(pipe, captions: Sequence[str], seeds: Sequence[int], **txt2img) -> dict[str, float | int]:
+    """`score` of a model's txt2img images: one image per caption and seed (seed s of every caption).
+
+    txt2img: the generation settings (e.g. steps=20); the size defaults to 64x64, the shapes data's.
+    """
+    txt2img = {"height": 64, "width": 64} | txt2img
+    images, labels = [], []
+    for seed in seeds:
+        images += pipe.txt2img(list(captions), seed=seed, **txt2img)
+        labels += list(captions)
+    return score([np.asarray(im.convert("RGB")) for im in images], labels)

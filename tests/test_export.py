@@ -23,6 +23,7 @@ from sd_jax.convert.torch_files import read_state_dict
 from sd_jax.loading import load_components
 from sd_jax.models import COMPONENTS, abstract_components
 from sd_jax.tokenizer import load_tokenizer
+from sd_jax.training import Trainer, TrainOptions
 from tests.test_convert import run_script
 from tests.tiny_models import save_diffusers_pipeline, tiny_config
 
@@ -69,10 +70,28 @@ def _assert_same_params(got: dict[str, nnx.State], expected: dict[str, nnx.State
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A random tiny diffusers folder (torch weights) as sd_jax loads it."""
-    folder = tmp_path_factory.mktemp("source") / "sd1"
-    save_diffusers_pipeline(tiny_config("sd1"), folder, seed=0)
-    return load_components(folder)
+    """A random tiny diffusers folder (torch weights), fine-tuned a few steps by sd_jax (U-Net and text encoder),
+    as sd_jax loads the trained model folder."""
+    from tests.test_training import write_images
+
+    root = tmp_path_factory.mktemp("source")
+    save_diffusers_pipeline(tiny_config("sd1"), root / "sd1", seed=0)
+    options = TrainOptions(
+        output_dir=str(root / "run"),
+        data=str(write_images(root / "images", n=4)),
+        model=str(root / "sd1"),
+        train_text_encoder=True,
+        resolution=32,
+        batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+    )
+    Trainer(options, show_progress=False, devices=jax.devices()[:1]).run()
+    tuned = load_components(root / "run" / "model")
+    # The fine-tuning changed the weights: the exports carry trained parameters, not the diffusers originals.
+    original = state_to_flat(load_components(root / "sd1")[1]["unet"])
+    assert any(not np.array_equal(v, original[k]) for k, v in state_to_flat(tuned[1]["unet"]).items())
+    return tuned
 
 
 @pytest.fixture(scope="module")

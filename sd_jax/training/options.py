@@ -34,6 +34,7 @@ class TrainOptions:
       snr_gamma: min-SNR-gamma loss weighting (None: plain MSE).
       noise_offset: scale of a per-channel constant added to the noise.
       kl_weight: the VAE's KL term weight (as in the original AutoencoderKL training).
+      vae_decoder_only: train the VAE's decoder only, keeping the latent space (as SD's ft-MSE VAE was tuned).
       vae_scaling_factor: the latent scale written into a VAE run's model (None: kept when fine-tuning,
         measured as 1 / std of the training latents when training from scratch).
     """
@@ -66,6 +67,7 @@ class TrainOptions:
     noise_offset: float = 0.0
     kl_weight: float = 1e-6
     vae_scaling_factor: float | None = None
+    vae_decoder_only: bool = False
     cache_latents: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -85,6 +87,8 @@ class TrainOptions:
             raise ValueError(f"--component must be one of {', '.join(COMPONENTS)}, got {self.component!r}")
         if self.component == "vae" and self.train_text_encoder:
             raise ValueError("--train_text_encoder needs --component=unet")
+        if self.vae_decoder_only and self.component != "vae":
+            raise ValueError("--vae_decoder_only needs --component=vae")
         if self.component == "vae" and self.cache_latents:
             raise ValueError("--cache_latents needs --component=unet (the VAE itself is what trains)")
         if self.cache_latents and not self.center_crop:

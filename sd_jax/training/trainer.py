@@ -29,6 +29,7 @@ from PIL import Image
 
 from sd_jax import checkpoint
 from sd_jax.config import ModelConfig, preset
+from sd_jax.convert.params import path_to_name, state_to_flat
 from sd_jax.loading import load_components
 from sd_jax.models import abstract_components, random_components, resolve_dtype
 from sd_jax.parallel import batch_mesh
@@ -44,8 +45,6 @@ log = logging.getLogger("sd_jax")
 
 
 def _flat(state) -> dict[str, np.ndarray]:
-    from sd_jax.convert.params import state_to_flat
-
     return state_to_flat(state)
 
 
@@ -105,6 +104,9 @@ def _host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+_DECODER = ("decoder.", "post_quant_conv.")
+
+
 class Trainer:
     """One run: data, model, mesh, compiled step and checkpoints; `run()` trains to `max_steps`."""
 
@@ -157,7 +159,7 @@ class Trainer:
 
     def loss_fn(self, params: dict, frozen: dict, batch: dict, key: jax.Array):
         """The run's loss of (trained params, frozen params, one micro-batch, key)."""
-        flat = {**frozen, **params}
+        flat = {n: {**frozen.get(n, {}), **params.get(n, {})} for n in {*frozen, *params}}
         if self.options.component == "vae":
             return losses.vae_loss(self._module("vae", flat["vae"]), batch, key, self.options.kl_weight)
         vae = None if "moments" in batch else self._module("vae", flat["vae"])
@@ -170,6 +172,23 @@ class Trainer:
             self.alphas_cumprod,
             self.diffusion,
         )
+
+    def _trained_states(self, state: steps.TrainState) -> dict:
+        """Every component's nnx state with the trained parameters (the EMA's when EMA is on); all hosts call it."""
+        from flax import nnx
+
+        trained = _host(state.ema if state.ema is not None else state.params)
+        states = dict(self.states)
+        for name in self.trained:
+            flat = self._full_flat(name, trained[name])
+            abstract = abstract_components(self.config, jnp.float32)[name][1]
+            pairs = [(p, v.replace(jnp.asarray(flat[path_to_name(p)]))) for p, v in nnx.to_flat_state(abstract)]
+            states[name] = nnx.from_flat_state(pairs)
+        return states
+
+    def _full_flat(self, name: str, trained: dict) -> dict:
+        """A component's complete flat parameters: the trained ones over the start point's."""
+        return {**_flat(self.states[name]), **trained}
 
     def _latent_cache(self) -> np.ndarray:
         """VAE moments (N, 2, h, w, 2C) of every image and its mirror image, computed once and kept on disk."""
@@ -252,7 +271,7 @@ class Trainer:
 
     def _measure_scaling_factor(self, state) -> float:
         """1 / std of the trained VAE's latent samples over up to 256 training images (as SD's 0.18215 was set)."""
-        params = _host(state.ema if state.ema is not None else state.params)["vae"]
+        params = self._full_flat("vae", _host(state.ema if state.ema is not None else state.params)["vae"])
         graph, abstract = self.graphs["vae"]
         encode = jax.jit(lambda flat, x: losses.merge(graph, abstract, flat).encode(x))
         samples = []
@@ -266,18 +285,9 @@ class Trainer:
 
     def write_model(self, state: steps.TrainState) -> Path:
         """The trained model as a converted folder `output_dir/model` (EMA weights when EMA is on)."""
-        from flax import nnx
 
-        trained = _host(state.ema if state.ema is not None else state.params)
+        states = self._trained_states(state)
         config = self._final_config(state)
-        states = dict(self.states)
-        for name in self.trained:
-            abstract = abstract_components(self.config, jnp.float32)[name][1]
-            pairs = [
-                (path, variable.replace(jnp.asarray(trained[name][".".join(map(str, path))])))
-                for path, variable in nnx.to_flat_state(abstract)
-            ]
-            states[name] = nnx.from_flat_state(pairs)
         if jax.process_index() == 0:
             checkpoint.save_converted(self.out / "model", config, states, self.tokenizer, overwrite=True)
         return self.out / "model"
@@ -297,6 +307,10 @@ class Trainer:
         elif o.cache_latents:
             frozen_names = [n for n in frozen_names if n != "vae"]
         frozen = {n: {k: jnp.asarray(v) for k, v in _flat(self.states[n]).items()} for n in frozen_names}
+        if o.vae_decoder_only:
+            # The encoder (and so the latent space a U-Net was trained on) stays as it is.
+            frozen["vae"] = {k: v for k, v in params["vae"].items() if not k.startswith(_DECODER)}
+            params["vae"] = {k: v for k, v in params["vae"].items() if k.startswith(_DECODER)}
         make = functools.partial(steps.init_state, tx=tx, seed=o.seed, ema=o.ema_decay is not None)
         abstract = jax.eval_shape(make, params)
         shardings = steps.state_shardings(abstract, self.mesh, o.fsdp)
@@ -379,20 +393,9 @@ class Trainer:
     def _sample(self, pipe, state, step: int):
         from sd_jax.pipeline import StableDiffusionPipeline
 
-        trained = _host(state.ema if state.ema is not None else state.params)
+        states = self._trained_states(state)
         if jax.process_index() != 0:
             return pipe
-        from flax import nnx
-
-        states = dict(self.states)
-        for name in self.trained:
-            abstract = abstract_components(self.config, jnp.float32)[name][1]
-            states[name] = nnx.from_flat_state(
-                [
-                    (p, v.replace(jnp.asarray(trained[name][".".join(map(str, p))])))
-                    for p, v in nnx.to_flat_state(abstract)
-                ]
-            )
         if pipe is None:
             pipe = StableDiffusionPipeline(self.config, states, self.tokenizer)
         else:
