@@ -7,9 +7,19 @@ setup(
     version="0.1.0",
     description="Stable Diffusion in JAX/Flax: PyTorch checkpoint conversion, jitted sampling over every device.",
     python_requires=">=3.10",
-    packages=["sd_jax", "sd_jax.modules", "sd_jax.sampling", "sd_jax.convert", "sd_jax.configs"],
+    packages=["sd_jax", "sd_jax.modules", "sd_jax.sampling", "sd_jax.convert", "sd_jax.training", "sd_jax.configs"],
     # The named model presets live in the repository's configs/ folder and install as sd_jax.configs.
     package_dir={"sd_jax.configs": "configs"},
+    # The default model (`sd_jax.load()`): a converted folder, assets/NAME/ with model_index.json, config.json,
+    # {text_encoder,unet,vae}/params.safetensors, scheduler/scheduler_config.json and the tokenizer's files.
+    package_data={
+        "sd_jax": [
+            "assets/*/*.json",
+            "assets/*/*/*.json",
+            "assets/*/*/*.safetensors",
+            "assets/*/tokenizer/*.txt",
+        ]
+    },
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",

@@ -36,7 +36,7 @@ def get_config() -> ModelConfig:
             attention_head_dim=4,
         ),
         vae=VAEConfig(
-            block_out_channels=(16, 32, 64, 64),
+            block_out_channels=(32, 32, 64, 64),
             layers_per_block=1,
             norm_num_groups=8,
             sample_size=64,

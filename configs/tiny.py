@@ -1,6 +1,6 @@
 """A tiny SD-1.x-shaped model (random weights) for tests and for running sd_jax with no checkpoint at hand.
 
-python scripts/txt2img.py --prompt="a photo of a cat" --steps=10   # uses it when --model is not given
+python scripts/txt2img.py --model=random:tiny --prompt="a photo of a cat" --steps=10
 """
 
 from sd_jax.config import SD1_PAD_TOKEN, SD_SCHEDULER, ModelConfig

@@ -17,7 +17,7 @@ flags.DEFINE_integer("size", 1024, "Image side in pixels for the tiled-vs-untile
 flags.DEFINE_integer("tile", 64, "Tile side in latent pixels (encode uses tile * factor image pixels).")
 flags.DEFINE_integer("overlap", 16, "Minimum overlap between tiles in latent pixels.")
 flags.DEFINE_integer("big_size", 2048, "Image side of the tiled-only decode (0 to skip).")
-flags.DEFINE_string("model", None, "Model path for sd_jax.load (default: the tiny random-weight model).")
+flags.DEFINE_string("model", "random:tiny", "Model for sd_jax.load (default: the tiny random-weight model).")
 FLAGS = flags.FLAGS
 
 

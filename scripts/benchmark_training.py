@@ -5,10 +5,11 @@ sd_jax, ...). With --cached_latents (default) the batch is VAE moments, so a ste
 the U-Net forward and backward, clipping and AdamW; without it the VAE encodes pixels first on both sides.
 
     python scripts/benchmark_training.py --config=shapes64 --batch=8 --steps=5
-    python scripts/benchmark_training.py --config=sd15 --resolution=256 --batch=1 --steps=3 --json=train_sd15.json
+    python scripts/benchmark_training.py --config=sd15 --resolution=256 --batch=1 --steps=3 --sequential
 """
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps per side after the first (compi
 flags.DEFINE_bool("train_text_encoder", False, "Train the text encoder too (else U-Net only).")
 flags.DEFINE_bool("cached_latents", True, "The batch is cached VAE moments (else pixels through the frozen VAE).")
 flags.DEFINE_integer("torch_threads", None, "PyTorch intra-op threads (default: all cores).")
+flags.DEFINE_bool("sequential", False, "Time sd_jax, free it, then PyTorch (when both do not fit in memory: sd15).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -54,11 +56,17 @@ def main(argv):
     machine = benchmark.machine()  # before the work starts: the load average is other processes'
     states = random_components(config, jnp.float32, seed=0)
     batch = benchmark.random_batch(config, FLAGS.batch, resolution, FLAGS.cached_latents)
-    runs = {
-        "sd_jax": benchmark.sd_jax_step(config, states, options, batch),
-        "pytorch": benchmark.torch_step(config, states, options, batch),
-    }
-    results = benchmark.time_alternating(runs, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    makers = {"sd_jax": benchmark.sd_jax_step, "pytorch": benchmark.torch_step}
+    if FLAGS.sequential:
+        results = {}
+        for name, make in makers.items():
+            run = make(config, states, options, batch)
+            results |= benchmark.time_alternating({name: run}, steps=FLAGS.steps, warmup=FLAGS.warmup)
+            del run
+            gc.collect()
+    else:
+        runs = {name: make(config, states, options, batch) for name, make in makers.items()}
+        results = benchmark.time_alternating(runs, steps=FLAGS.steps, warmup=FLAGS.warmup)
     results = {name: benchmark.summarize(r, FLAGS.batch) for name, r in results.items()}
     jax_side, torch_side = results["sd_jax"], results["pytorch"]
     ratio = torch_side["min_s"] / jax_side["min_s"]

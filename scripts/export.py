@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("model", None, "Converted folder, diffusers folder or single file; default: tiny random model.")
+flags.DEFINE_string("model", None, "Converted folder, diffusers folder, single file or random:NAME; default: shapes64.")
 flags.DEFINE_string("format", "diffusers", "diffusers (a StableDiffusionPipeline folder) or single_file.")
 flags.DEFINE_string("output", None, "The folder (diffusers) or the .safetensors file (single_file).", required=True)
 flags.DEFINE_string("dtype", "float32", "float32, float16 or bfloat16: the dtype of the written weights.")

@@ -9,7 +9,7 @@ from absl import app, flags
 
 from sd_jax.cli import define_common_flags
 
-define_common_flags(image_size_default=None)
+define_common_flags(size_default="the init image's size, rounded down to multiples of 8")
 flags.DEFINE_string("init_image", None, "The image to start from (required).")
 flags.DEFINE_float("strength", 0.75, "How much of the schedule runs, in [0, 1].")
 flags.DEFINE_bool("tile", None, "Encode and decode with the VAE in tiles (default: above a megapixel).")

@@ -9,7 +9,7 @@ from absl import app, flags
 
 from sd_jax.cli import define_common_flags
 
-define_common_flags(image_size_default=None)
+define_common_flags(size_default="the image's size (with --only_masked: the model's native size)")
 flags.DEFINE_string("init_image", None, "The image to repaint (required).")
 flags.DEFINE_string("mask", None, "Mask image of the same size: white is repainted (required).")
 flags.DEFINE_float("strength", 1.0, "In [0, 1]; 1 starts the masked area from pure noise.")

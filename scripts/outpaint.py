@@ -10,7 +10,7 @@ from absl import app, flags
 
 from sd_jax.cli import define_common_flags
 
-define_common_flags(image_size_default=None)
+define_common_flags(size_default="not taken (the margins set the size)")
 flags.DEFINE_string("init_image", None, "The image to extend (required).")
 for _side in ("left", "right", "top", "bottom"):
     flags.DEFINE_integer(_side, 0, f"Pixels to add on the {_side}, a multiple of 8.")

@@ -11,20 +11,21 @@ data=$runs/shapes_data
 
 python scripts/make_shapes.py --output_dir="$data" --per_caption=150 --size=64 --seed=0
 
-# 1. The autoencoder, from scratch: L1 + 1e-6 KL; its latent scale is measured on the data at the end.
+# 1. The autoencoder, from scratch: L1 + 1e-6 KL (the summed loss is not clipped: --max_grad_norm=1e6); its latent
+# scale is measured on the data at the end.
 python scripts/train.py --config=shapes64 --component=vae --data="$data" --output_dir="$runs/shapes64_vae" \
-  --resolution=64 --random_flip --batch_size=8 --max_steps=1500 --learning_rate=5e-4 --warmup_steps=100 \
-  --lr_schedule=cosine --save_every=250 --log_every=25 --seed=0
+  --resolution=64 --random_flip --batch_size=8 --max_steps=2000 --learning_rate=7e-4 --warmup_steps=100 \
+  --lr_schedule=cosine --max_grad_norm=1e6 --save_every=250 --log_every=25 --seed=0
 
 # 2. Its decoder alone, longer (the encoder, and so the latent space, stays as it is).
 python scripts/train.py --model="$runs/shapes64_vae/model" --component=vae --vae_decoder_only --data="$data" \
-  --output_dir="$runs/shapes64_vae_decoder" --resolution=64 --random_flip --batch_size=8 \
-  --max_steps="${DECODER_STEPS:-1500}" --learning_rate=4e-4 --warmup_steps=50 --save_every=250 --log_every=50 --seed=1
+  --output_dir="$runs/shapes64_vae_decoder" --resolution=64 --random_flip --batch_size=8 --max_steps=1200 \
+  --learning_rate=2e-4 --warmup_steps=50 --max_grad_norm=1e6 --save_every=200 --log_every=50 --seed=1
 
 # 3. The U-Net and the text encoder on cached latents, with 10% empty captions for classifier-free guidance.
 python scripts/train.py --model="$runs/shapes64_vae_decoder/model" --train_text_encoder --data="$data" \
   --output_dir="$runs/shapes64_unet" --resolution=64 --random_flip --cache_latents --caption_dropout=0.1 \
-  --batch_size=16 --max_steps="${UNET_STEPS:-4000}" --learning_rate=3e-4 --warmup_steps=200 --lr_schedule=constant \
+  --batch_size=16 --max_steps=4500 --learning_rate=3e-4 --warmup_steps=200 --lr_schedule=constant \
   --ema_decay=0.999 --snr_gamma=5 --save_every=250 --log_every=50 --seed=0
 
 # 4. Into the package, as float16 (15 MB).

@@ -1,8 +1,9 @@
 """Generates images from text and writes them as PNGs (with AUTOMATIC1111 metadata and the invisible watermark).
 
+python scripts/txt2img.py --prompt="a red circle on a blue background" --steps=20   # the default model, 64x64
 python scripts/txt2img.py --model=models/sd15 --prompt="a photo of a (cat:1.2)" --steps=30 --num_images=4
 python scripts/txt2img.py --from_png=outputs/00000-0.png    # the same image again, from the PNG's settings
-python scripts/txt2img.py --prompt="a photo of a cat"       # no --model: a tiny untrained model (noise images)
+python scripts/txt2img.py --model=random:tiny --prompt="a cat" --steps=2   # a tiny random-weight model (noise)
 """
 
 import sys
@@ -11,7 +12,7 @@ from absl import app, flags
 
 from sd_jax.cli import define_common_flags
 
-define_common_flags(image_size_default=512)
+define_common_flags(size_default="the model's native size (64 for the default model, 512 for SD 1.x)")
 flags.DEFINE_bool("list_samplers", False, "List the samplers (name, denoiser calls per step, twin) and exit.")
 flags.DEFINE_string("from_png", None, "Regenerate an image from the settings stored in this PNG.")
 FLAGS = flags.FLAGS

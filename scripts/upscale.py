@@ -9,7 +9,7 @@ from absl import app, flags
 
 from sd_jax.cli import define_common_flags
 
-define_common_flags(image_size_default=None)
+define_common_flags(size_default="not taken (--scale sets the size)")
 flags.DEFINE_string("init_image", None, "The image to upscale (required).")
 flags.DEFINE_float("scale", 2.0, "Size factor (the result is rounded to multiples of 8).")
 flags.DEFINE_float("strength", 0.35, "How much img2img may change the resized image, in [0, 1].")

@@ -90,11 +90,19 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def define_common_flags(*, image_size_default: int | None) -> None:
-    """The flags every generation script takes. image_size_default: --height/--width default (None: the input's)."""
+def define_common_flags(*, size_default: str) -> None:
+    """The flags every generation script takes.
+
+    size_default: what --height/--width default to, in words, for their help (their value is then None).
+    """
     from absl import flags
 
-    flags.DEFINE_string("model", None, "Converted folder, diffusers folder or single file; default: tiny random model.")
+    flags.DEFINE_string(
+        "model",
+        None,
+        "Converted folder, diffusers folder, single file, or random:PRESET (random weights, e.g. random:tiny); "
+        "default: the shipped shapes64 model (64x64 coloured shapes).",
+    )
     flags.DEFINE_string("prompt", None, "What to draw (AUTOMATIC1111 syntax: (word:1.3), [word], BREAK).")
     flags.DEFINE_string("negative_prompt", "", "What to steer away from (same syntax).")
     flags.DEFINE_integer("steps", 50, "Denoising steps.")
@@ -104,13 +112,13 @@ def define_common_flags(*, image_size_default: int | None) -> None:
     flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 ancestral.")
     flags.DEFINE_float("guidance_rescale", 0.0, "Rescale of the guided prediction, in [0, 1].")
     flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
-    flags.DEFINE_integer("height", image_size_default, "Image height in pixels, a multiple of 8.")
-    flags.DEFINE_integer("width", image_size_default, "Image width in pixels, a multiple of 8.")
+    flags.DEFINE_integer("height", None, f"Image height in pixels, a multiple of 8; default: {size_default}.")
+    flags.DEFINE_integer("width", None, f"Image width in pixels, a multiple of 8; default: {size_default}.")
     flags.DEFINE_integer("num_images", 1, "How many images.")
     flags.DEFINE_integer("clip_skip", 1, "1: the text encoder's last layer; 2: the penultimate; ...")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter and compute dtype.")
     flags.DEFINE_string("model_type", "auto", "Single files: sd15, sd15_inpainting, sd21_base, sd21_768_v, ...")
-    flags.DEFINE_string("bpe_vocab", None, "Single files / no model: CLIP's bpe_simple_vocab_16e6.txt.gz.")
+    flags.DEFINE_string("bpe_vocab", None, "Single files / random:PRESET: CLIP's bpe_simple_vocab_16e6.txt.gz.")
     flags.DEFINE_string("output_dir", "outputs", "Where the PNGs go (existing files are never overwritten).")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
 
@@ -195,12 +203,28 @@ def check_inputs(mode: str, call: Mapping) -> None:
 
 
 def _announce(settings: Mapping) -> None:
-    if settings.get("model") is None:
+    from sd_jax.loading import RANDOM_PREFIX
+
+    model = settings.get("model")
+    if model is None:
         print(
-            "no --model given: using the tiny random-weight model (sd_jax ships no trained weights), "
-            "so the images are noise",
+            "no --model given: using the default shapes model (64x64; it draws captions like "
+            '"a red circle on a blue background")',
             file=sys.stderr,
         )
+    elif model.startswith(RANDOM_PREFIX):
+        print(f"note: {model} has random weights, so the images are noise", file=sys.stderr)
+
+
+def _check_size(settings: Mapping) -> None:
+    """The sizes given (flags or --from_png), checked before a model is loaded; the others are the model's."""
+    bad = [
+        f"{side}={settings[side]}"
+        for side in ("height", "width")
+        if side in settings and not (isinstance(settings[side], int) and settings[side] > 0 and settings[side] % 8 == 0)
+    ]
+    if bad:
+        fail(f"height and width must be positive multiples of 8, got {', '.join(bad)}")
 
 
 def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_settings: Mapping | None = None):
@@ -228,10 +252,7 @@ def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_sett
     if not settings["prompt"]:
         fail("--prompt is required")
     if mode == "txt2img":
-        for side in ("height", "width"):
-            settings.setdefault(side, 512)
-        if settings["height"] % 8 or settings["width"] % 8 or settings["height"] <= 0 or settings["width"] <= 0:
-            fail(f"height and width must be positive multiples of 8, got {settings['height']}x{settings['width']}")
+        _check_size(settings)
     if flags_.watermark:
         run_or_exit(watermark.check_available)
     run_or_exit(check_inputs, mode, call_kwargs or {})
@@ -239,6 +260,9 @@ def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_sett
     pipe = run_or_exit(
         load, settings["model"], settings["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab
     )
+    if mode == "txt2img":
+        for side in ("height", "width"):
+            settings.setdefault(side, pipe.native_size)
     options = {key: settings[key] for key in _OPTIONS}
     if mode in ("txt2img", "img2img", "inpaint"):
         options.update(height=settings.get("height"), width=settings.get("width"))

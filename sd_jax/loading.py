@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sd_jax import checkpoint
-from sd_jax.config import SD1_PAD_TOKEN, SD2_PAD_TOKEN, SD_SCHEDULER, ModelConfig, preset
+from sd_jax.config import PRESETS, SD1_PAD_TOKEN, SD2_PAD_TOKEN, SD_SCHEDULER, ModelConfig, preset
 from sd_jax.convert import single_file
 from sd_jax.convert.params import ConversionError, state_from_torch
 from sd_jax.convert.torch_files import CheckpointError, read_state_dict
@@ -19,6 +19,12 @@ from sd_jax.modules.clip_text import CLIPTextConfig, clip_state_dict_for_flax
 from sd_jax.modules.unet import UNetConfig
 from sd_jax.modules.vae import VAEConfig
 from sd_jax.tokenizer import load_tokenizer
+
+# The model `load()` gives when no path is given: the shapes64 preset trained on 64x64 shapes (configs/shapes64.py),
+# shipped inside the package as a converted folder.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "shapes64"
+# `random:NAME`: the preset NAME with random weights (tests, benchmarks, trying sd_jax without a checkpoint).
+RANDOM_PREFIX = "random:"
 
 # --model_type for single files: which preset's schedule, tokenizer padding and sample size to use.
 MODEL_TYPES = ("auto", "sd15", "sd15_inpainting", "sd21_base", "sd21_768_v", "sd21_inpainting")
@@ -167,9 +173,14 @@ def load_components(
     dtype = resolve_dtype(dtype)
     try:
         if path is None:
-            config = preset("tiny")
-            tokenizer = load_tokenizer(None, bpe_path=bpe_vocab, pad_token=config.pad_token)
-            return config, random_components(config, dtype), tokenizer
+            if not checkpoint.is_converted(DEFAULT_MODEL):
+                raise LoadError(
+                    f"the default model is missing from {DEFAULT_MODEL} (reinstall sd_jax, or pass a model path "
+                    f"or {RANDOM_PREFIX}tiny)"
+                )
+            path = DEFAULT_MODEL
+        elif isinstance(path, str) and path.startswith(RANDOM_PREFIX):
+            return random_model(path.removeprefix(RANDOM_PREFIX), dtype, bpe_vocab=bpe_vocab)
         path = Path(path)
         if not path.exists():
             raise LoadError(f"{path}: no such file or folder")
@@ -189,12 +200,24 @@ def load_components(
         raise LoadError(f"{path}: malformed model ({type(e).__name__}: {e})") from None
 
 
+def random_model(name: str, dtype="float32", *, bpe_vocab: str | None = None):
+    """(config, random parameter states, BPE tokenizer) of the preset `name` (`random:NAME` in `load`)."""
+    if name not in PRESETS:
+        choices = ", ".join(RANDOM_PREFIX + p for p in PRESETS)
+        raise LoadError(f"{RANDOM_PREFIX}{name}: no such preset; random-weight models are {choices}")
+    config = preset(name)
+    tokenizer = load_tokenizer(None, bpe_path=bpe_vocab, pad_token=config.pad_token)
+    return config, random_components(config, resolve_dtype(dtype)), tokenizer
+
+
 def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
     """Loads a model for generation.
 
     Args:
       path: a converted sd_jax folder, a diffusers folder, an original single file (`.safetensors` / `.ckpt`,
-        converted in memory), or None for the tiny random-weight model (no trained weights ship with sd_jax).
+        converted in memory), `random:NAME` for the preset NAME with random weights (e.g. `random:tiny`, the small
+        test model), or None for the default model: shapes64, trained on 64x64 images of coloured shapes
+        ("a red circle on a blue background"), shipped with sd_jax.
       dtype: "float32", "bfloat16" or "float16": the parameter and compute dtype.
       **kwargs: `model_type`, `bpe_vocab`, `use_ema`, `overrides` for single files (see `convert_single_file`);
         `mesh` (default: all local devices) and `micro_batch` for the pipeline.
@@ -206,10 +229,15 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
 
     pipeline_kwargs = {k: kwargs.pop(k) for k in ("mesh", "micro_batch") if k in kwargs}
     config, states, tokenizer = load_components(path, dtype, **kwargs)
-    source = None if path is None else str(path)
+    if path is None:
+        source = str(DEFAULT_MODEL)
+    elif isinstance(path, str) and path.startswith(RANDOM_PREFIX):
+        source = None  # no file: the metadata names the preset and gives no hash
+    else:
+        source = str(path)
     return StableDiffusionPipeline(
         config, states, tokenizer, dtype=resolve_dtype(dtype), source=source, **pipeline_kwargs
     )
 
 
-__all__ = ["load", "load_components", "LoadError", "MODEL_TYPES"]
+__all__ = ["load", "load_components", "random_model", "LoadError", "MODEL_TYPES", "DEFAULT_MODEL", "RANDOM_PREFIX"]

@@ -112,7 +112,8 @@ class StableDiffusionPipeline:
 
     @property
     def native_size(self) -> int:
-        """The side in pixels the U-Net was trained at (512 for SD 1.5, 768 for SD 2.1-v)."""
+        """The side in pixels the U-Net was trained at (512 for SD 1.5, 768 for SD 2.1-v, 64 for shapes64): the
+        default image size."""
         return int(self.config.unet.sample_size or 64) * self.latent_factor
 
     def _on_step(self, sigma) -> None:
@@ -235,8 +236,8 @@ class StableDiffusionPipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
         *,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         steps: int = 50,
         guidance_scale: float = 7.5,
         sampler: str = "ddim",
@@ -254,7 +255,7 @@ class StableDiffusionPipeline:
         Args:
           prompt: a prompt or a list of prompts; each gives `num_images` images.
           negative_prompt: the unconditional prompt(s) of classifier-free guidance (one, or one per prompt).
-          height, width: image size in pixels, multiples of 8.
+          height, width: image size in pixels, multiples of 8; default (None): the model's native size.
           steps: denoising steps; guidance_scale: classifier-free guidance (<= 1 disables it).
           sampler, schedule, eta: see `sd_jax.sampling.samplers`.
           seed: image i of the call uses seed + i, for its starting noise and any noise its sampler draws.
@@ -272,8 +273,8 @@ class StableDiffusionPipeline:
         pixels = self._run(
             prompt,
             negative_prompt,
-            height=height,
-            width=width,
+            height=self.native_size if height is None else height,
+            width=self.native_size if width is None else width,
             steps=steps,
             guidance_scale=guidance_scale,
             sampler=sampler,

@@ -1,4 +1,5 @@
-"""The scripts end to end on the tiny model: PNG metadata, --from_png, the watermark, and the editing scripts."""
+"""The scripts end to end on the tiny model (`--model=random:tiny`): PNG metadata, --from_png, the watermark, and
+the editing scripts."""
 
 import json
 
@@ -29,6 +30,7 @@ def txt2img_png(tmp_path_factory):
     out = tmp_path_factory.mktemp("txt2img")
     args = [
         "scripts/txt2img.py",
+        "--model=random:tiny",
         "--prompt=a (lighthouse:1.2) at dusk, BREAK oil painting",
         "--negative_prompt=blurry, [low quality]",
         # DWT-DCT carries the 136-bit payload reliably from 512 pixels on (at 256 a bit or two may flip).
@@ -105,7 +107,7 @@ def inputs(tmp_path_factory):
     return folder
 
 
-COMMON = ["--steps=2", "--prompt=a lighthouse", "--nowatermark"]
+COMMON = ["--model=random:tiny", "--steps=2", "--prompt=a lighthouse", "--nowatermark"]
 
 
 def test_img2img_script(inputs, tmp_path):

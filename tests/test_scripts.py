@@ -1,4 +1,4 @@
-"""The absl scripts end to end on the tiny model: outputs, no overwriting, one-line errors."""
+"""The absl scripts end to end on the tiny model (`--model=random:tiny`): outputs, no overwriting, one-line errors."""
 
 from PIL import Image
 
@@ -9,6 +9,7 @@ def test_txt2img_script_writes_new_pngs(tmp_path):
     out = tmp_path / "out"
     args = [
         "scripts/txt2img.py",
+        "--model=random:tiny",
         "--prompt=a photo of a cat",
         "--height=32",
         "--width=32",
@@ -21,7 +22,7 @@ def test_txt2img_script_writes_new_pngs(tmp_path):
     assert first.returncode == 0, first.stderr
     paths = first.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000-7.png", "00001-8.png"]
-    assert "tiny random-weight model" in first.stderr
+    assert "random:tiny has random weights" in first.stderr
     assert Image.open(paths[0]).size == (32, 32)
     before = (out / "00000-7.png").read_bytes()
     second = run_script(*args)
@@ -38,7 +39,7 @@ def test_txt2img_script_bad_size_is_one_line(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        "error: height and width must be positive multiples of 8, got 60x512"
+        "error: height and width must be positive multiples of 8, got height=60"
     ]
     assert list(tmp_path.iterdir()) == []
 

@@ -116,9 +116,9 @@ def test_tiling_rejects_misaligned_sizes_and_wrong_factor():
 
 @pytest.fixture(scope="module")
 def tiny_vae():
-    """Jitted (decode, encode-mean) of the tiny random VAE (`sd_jax.load()`'s), and its factor; each compiles once
-    per shape."""
-    config, states, _ = load_components(None)
+    """Jitted (decode, encode-mean) of the tiny random VAE (`sd_jax.load("random:tiny")`'s), and its factor; each
+    compiles once per shape."""
+    config, states, _ = load_components("random:tiny")
     graph, state = abstract_components(config)["vae"][0], states["vae"]
     decode = jax.jit(lambda state, z: nnx.merge(graph, state).decode(z))
     encode = jax.jit(lambda state, x: nnx.merge(graph, state).encode(x)[0])

@@ -29,7 +29,7 @@ from sd_jax.config import ModelConfig
 from sd_jax.convert import single_file
 from sd_jax.convert.params import flax_to_torch_layout, state_to_torch, torch_name
 from sd_jax.convert.torch_files import CheckpointError
-from sd_jax.loading import LoadError, load_components
+from sd_jax.loading import RANDOM_PREFIX, LoadError, load_components
 from sd_jax.models import COMPONENTS, abstract_components, resolve_dtype
 from sd_jax.modules.clip_text import CLIPTextConfig, clip_state_dict_for_torch
 from sd_jax.modules.unet import UNetConfig
@@ -353,7 +353,7 @@ def export(
     overwrite: bool = False,
     log=print,
 ) -> Path:
-    """Loads `model` (anything `load_components` reads; None: the default tiny model) and writes it as `format`.
+    """Loads `model` (anything `load_components` reads; None: the default shapes64 model) and writes it as `format`.
 
     The arguments are checked before the model is loaded.
     """
@@ -364,8 +364,8 @@ def export(
     if format == "single_file" and output.suffix != ".safetensors":
         raise ValueError(f"{output}: a single file is written as .safetensors; name the output *.safetensors")
     if model is None:
-        log("note: no model given: exporting the tiny random-weight model (sd_jax ships no trained weights)")
-    elif not Path(model).exists():
+        log("note: no model given: exporting the default shapes64 model")
+    elif not str(model).startswith(RANDOM_PREFIX) and not Path(model).exists():
         raise LoadError(f"{model}: no such file or folder")
     config, states, tokenizer = load_components(model, dtype, log=log)
     if format == "diffusers":

@@ -135,7 +135,7 @@ def make_train_step(
         if ema is not None:
             decay = ema_decay_at(options.ema_decay, state.step)
             ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
-        metrics = metrics | {"grad_norm": optax.global_norm(grads), "learning_rate": learning_rate}
+        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "learning_rate": learning_rate}
         return state.replace(step=step, params=params, ema=ema, opt_state=opt_state), metrics
 
     return train_step

@@ -382,8 +382,7 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if stop_after is not None and done >= stop_after:
                     return state
-            if start < o.max_steps or not (self.out / "model").exists():
-                self.write_model(state)
+            self.write_model(state)  # also after a resume that had nothing left to do: the folder shows this step
         finally:
             bar.close()
             prefetch.shutdown(wait=True, cancel_futures=True)
