@@ -20,9 +20,7 @@ import numpy as np
 
 from sd_jax.config import ModelConfig
 from sd_jax.convert.params import state_to_flat, state_to_torch
-from sd_jax.models import abstract_components
 from sd_jax.parallel import batch_mesh
-from sd_jax.sampling.schedules import alphas_cumprod
 from sd_jax.training import loss as losses
 from sd_jax.training import step as steps
 from sd_jax.training.options import TrainOptions
@@ -43,26 +41,13 @@ def random_batch(config: ModelConfig, batch: int, resolution: int, cached_latent
 
 
 def denoiser_loss_fn(config: ModelConfig, dtype=jnp.float32) -> Callable:
-    """`loss_fn(params, frozen, batch, key)` as `Trainer.loss_fn` builds it for the U-Net (plain MSE, no offset)."""
-    graphs = abstract_components(config, dtype)
-    acp = jnp.asarray(alphas_cumprod(config.scheduler), jnp.float32)
+    """The trainer's U-Net loss (`losses.make_loss_fn`) with plain MSE and no noise offset."""
     settings = losses.DiffusionSettings(
         prediction_type=config.prediction_type,
         scaling_factor=float(config.vae.scaling_factor),
         shift_factor=config.vae.shift_factor,
     )
-
-    def module(name: str, flat: dict):
-        graph, abstract = graphs[name]
-        return losses.merge(graph, abstract, flat, dtype=dtype)
-
-    def loss_fn(params: dict, frozen: dict, batch: dict, key: jax.Array):
-        flat = {**frozen, **params}
-        vae = None if "moments" in batch else module("vae", flat["vae"])
-        unet, text_encoder = module("unet", flat["unet"]), module("text_encoder", flat["text_encoder"])
-        return losses.denoiser_loss(unet, text_encoder, vae, batch, key, acp, settings)
-
-    return loss_fn
+    return losses.make_loss_fn(config, settings, dtype=dtype)
 
 
 def sd_jax_step(config: ModelConfig, states: dict, options: TrainOptions, batch: dict) -> Callable[[], jax.Array]:

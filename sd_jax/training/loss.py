@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sd_jax.config import ModelConfig
 from sd_jax.convert.params import path_to_name
+from sd_jax.models import abstract_components
+from sd_jax.sampling.schedules import alphas_cumprod
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,3 +137,28 @@ def vae_loss(vae, batch: dict, key: jax.Array, kl_weight: float) -> tuple[jax.Ar
     kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
     loss = jnp.mean(l1 + kl_weight * kl)
     return loss, {"loss": loss, "l1": jnp.mean(l1) / x[0].size, "kl": jnp.mean(kl)}
+
+
+def make_loss_fn(
+    config: ModelConfig, settings: DiffusionSettings, *, component: str = "unet", kl_weight: float = 1e-6, dtype=None
+):
+    """`loss_fn(params, frozen, batch, key) -> (loss, metrics)` of a model: the VAE loss for component "vae", else
+    the denoiser loss. params / frozen: `{component: {"path.to.leaf": array}}`, merged per component (the trained
+    leaves over the frozen ones); dtype: the compute dtype (default float32)."""
+    dtype = jnp.float32 if dtype is None else dtype
+    graphs = abstract_components(config, dtype)
+    acp = jnp.asarray(alphas_cumprod(config.scheduler), jnp.float32)
+
+    def module(name: str, flat: dict):
+        graph, abstract = graphs[name]
+        return merge(graph, abstract, flat, dtype=dtype)
+
+    def loss_fn(params: dict, frozen: dict, batch: dict, key: jax.Array):
+        flat = {n: {**frozen.get(n, {}), **params.get(n, {})} for n in {*frozen, *params}}
+        if component == "vae":
+            return vae_loss(module("vae", flat["vae"]), batch, key, kl_weight)
+        vae = None if "moments" in batch else module("vae", flat["vae"])
+        unet, text_encoder = module("unet", flat["unet"]), module("text_encoder", flat["text_encoder"])
+        return denoiser_loss(unet, text_encoder, vae, batch, key, acp, settings)
+
+    return loss_fn

@@ -33,7 +33,6 @@ from sd_jax.convert.params import path_to_name, state_to_flat
 from sd_jax.loading import load_components
 from sd_jax.models import abstract_components, random_components, resolve_dtype
 from sd_jax.parallel import batch_mesh
-from sd_jax.sampling.schedules import alphas_cumprod
 from sd_jax.tokenizer import load_tokenizer
 from sd_jax.training import loss as losses
 from sd_jax.training import step as steps
@@ -145,7 +144,13 @@ class Trainer:
             scaling_factor=float(self.config.vae.scaling_factor),
             shift_factor=self.config.vae.shift_factor,
         )
-        self.alphas_cumprod = jnp.asarray(alphas_cumprod(self.config.scheduler), jnp.float32)
+        self.loss_fn = losses.make_loss_fn(
+            self.config,
+            self.diffusion,
+            component=options.component,
+            kl_weight=options.kl_weight,
+            dtype=self.compute_dtype,
+        )
         self.local_batch = options.batch_size // processes
         if options.batch_size % processes:
             raise ValueError(f"--batch_size={options.batch_size} must be a multiple of the {processes} processes")
@@ -153,26 +158,6 @@ class Trainer:
             self.dataset.latents = self._latent_cache()
 
     # ----------------------------------------------------------------------------------------------------------
-    def _module(self, name: str, flat: dict):
-        graph, abstract = self.graphs[name]
-        return losses.merge(graph, abstract, flat, dtype=self.compute_dtype)
-
-    def loss_fn(self, params: dict, frozen: dict, batch: dict, key: jax.Array):
-        """The run's loss of (trained params, frozen params, one micro-batch, key)."""
-        flat = {n: {**frozen.get(n, {}), **params.get(n, {})} for n in {*frozen, *params}}
-        if self.options.component == "vae":
-            return losses.vae_loss(self._module("vae", flat["vae"]), batch, key, self.options.kl_weight)
-        vae = None if "moments" in batch else self._module("vae", flat["vae"])
-        return losses.denoiser_loss(
-            self._module("unet", flat["unet"]),
-            self._module("text_encoder", flat["text_encoder"]),
-            vae,
-            batch,
-            key,
-            self.alphas_cumprod,
-            self.diffusion,
-        )
-
     def _trained_states(self, state: steps.TrainState) -> dict:
         """Every component's nnx state with the trained parameters (the EMA's when EMA is on); all hosts call it."""
         from flax import nnx
@@ -194,7 +179,7 @@ class Trainer:
         """VAE moments (N, 2, h, w, 2C) of every image and its mirror image, computed once and kept on disk."""
         vae_flat = {k: jnp.asarray(v) for k, v in _flat(self.states["vae"]).items()}
         n = len(self.dataset)
-        digest = hashlib_of(self.dataset, vae_flat)
+        digest = latent_cache_digest(self.dataset, vae_flat)
         file = self.out / f"latents-{digest}.npy"
         if file.is_file():
             return np.load(file)
@@ -422,7 +407,7 @@ class Trainer:
             _write_atomic(file, "".join(line + "\n" for line in kept).encode())
 
 
-def hashlib_of(dataset: Dataset, vae_flat: dict) -> str:
+def latent_cache_digest(dataset: Dataset, vae_flat: dict) -> str:
     """A short digest of what the latent cache depends on: the image files, the resolution and the VAE weights."""
     import hashlib
 
