@@ -24,6 +24,8 @@ setup(
         "jax>=0.10",
         "flax>=0.12.8",
         "optax>=0.2.8",
+        "orbax-checkpoint>=0.11",  # training checkpoints
+        "pyyaml>=6.0",  # the original configs beside SD 2.x single files
         "numpy>=2.0",
         "pillow>=10.0",
         "absl-py>=2.0",

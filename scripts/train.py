@@ -37,6 +37,9 @@ flags.DEFINE_float(
     "vae_scaling_factor", None, "--component=vae: latent scale to write (default: measured if from scratch)."
 )
 flags.DEFINE_bool("vae_decoder_only", False, "--component=vae: train the decoder only (the latent space is kept).")
+flags.DEFINE_bool(
+    "standardize_latents", False, "--component=vae: write latents with zero mean, unit std per channel (scale 1)."
+)
 flags.DEFINE_bool("cache_latents", False, "Encode the images once and train on the cached latents.")
 flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over the devices.")
 flags.DEFINE_integer("seed", 0, "Order, crops, flips, dropped captions, noise and initial weights.")
@@ -55,8 +58,8 @@ FLAGS = flags.FLAGS
 _OPTION_FLAGS = (
     "model config data output_dir component train_text_encoder resolution center_crop random_flip caption_dropout "
     "batch_size grad_accum max_steps learning_rate lr_schedule warmup_steps weight_decay max_grad_norm ema_decay "
-    "dtype prediction_type snr_gamma noise_offset kl_weight vae_scaling_factor vae_decoder_only cache_latents fsdp "
-    "seed save_every keep log_every sample_every sample_prompts sample_steps num_workers"
+    "dtype prediction_type snr_gamma noise_offset kl_weight vae_scaling_factor vae_decoder_only standardize_latents "
+    "cache_latents fsdp seed save_every keep log_every sample_every sample_prompts sample_steps num_workers"
 ).split()
 
 

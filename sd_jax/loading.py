@@ -13,7 +13,7 @@ from sd_jax import checkpoint
 from sd_jax.config import PRESETS, SD1_PAD_TOKEN, SD2_PAD_TOKEN, SD_SCHEDULER, ModelConfig, preset
 from sd_jax.convert import single_file
 from sd_jax.convert.params import ConversionError, state_from_torch
-from sd_jax.convert.torch_files import CheckpointError, read_state_dict
+from sd_jax.convert.torch_files import CheckpointError, read_checkpoint, read_state_dict
 from sd_jax.models import COMPONENTS, abstract_components, random_components, resolve_dtype
 from sd_jax.modules.clip_text import CLIPTextConfig, clip_state_dict_for_flax
 from sd_jax.modules.unet import UNetConfig
@@ -120,15 +120,14 @@ def convert_single_file(
     """
     if model_type not in MODEL_TYPES:
         raise LoadError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    state_dict = read_state_dict(path)
+    state_dict, extras = read_checkpoint(path)
     family = single_file.detect_model_type(state_dict)
     if model_type == "auto":
         model_type = _DETECTED[family]
         if family == "sd2":
-            log(
-                "note: a single file cannot tell v-prediction from epsilon; assuming epsilon (sd21_base). "
-                "Pass --model_type=sd21_768_v for the 768-v model."
-            )
+            v_prediction, why = single_file.sd2_v_prediction(path, extras.get("global_step"))
+            model_type = "sd21_768_v" if v_prediction else "sd21_base"
+            log(f"note: {path.name}: {'v-prediction' if v_prediction else 'epsilon'} ({model_type}): {why}")
     elif _FAMILY[model_type] != family:
         raise LoadError(f"{path}: --model_type={model_type} expects a {_FAMILY[model_type]} checkpoint, found {family}")
     components = single_file.split_original(state_dict, family, use_ema=use_ema)

@@ -385,3 +385,67 @@ def test_writer_agrees_with_diffusers_from_single_file(tiny, tmp_path, component
     loaded = cls.from_single_file(str(path), config=str(tmp_path / "local"), subfolder=component, local_files_only=True)
     got = {k: v.numpy() for k, v in loaded.state_dict().items()}
     _assert_components_equal({component: got}, {component: tiny.expected()[component]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD 2.x: epsilon (512 base) or v-prediction (768-v), as the ecosystem decides for a single file
+
+
+@pytest.fixture(scope="module")
+def sd2_files(tmp_path_factory):
+    """The same tiny SD 2.x weights as .safetensors (no global_step) and as .ckpt files with two global_steps."""
+    folder = tmp_path_factory.mktemp("sd2")
+    tiny = Tiny("sd2", seed=11)
+    state_dict = original_state_dict(tiny.unet_sd, tiny.vae_sd, tiny.text_sd, "sd2")
+    tiny.write(folder / "plain.safetensors")
+    for step in (875000, 110000):
+        torch.save({"state_dict": state_dict, "global_step": step}, folder / f"step{step}.ckpt")
+    return folder
+
+
+def _load_sd2(path, **kwargs):
+    from sd_jax.loading import convert_single_file
+
+    notes = []
+    overrides = {"unet": {"attention_head_dim": UNET_HEADS["sd2"]}, "text_encoder": {"num_attention_heads": 4}}
+    config, _, _ = convert_single_file(path, "float32", overrides=overrides, log=notes.append, **kwargs)
+    return config, notes
+
+
+@pytest.mark.parametrize(
+    "name, yaml_text, prediction, why",
+    [
+        ("plain.safetensors", None, "v_prediction", "no global_step"),
+        ("step875000.ckpt", None, "epsilon", "global_step 875000"),
+        ("step110000.ckpt", None, "v_prediction", "global_step 110000"),
+        # A config beside the file decides over the step: the original v2-inference-v.yaml says "v".
+        (
+            "step875000.ckpt",
+            'model:\n  params:\n    parameterization: "v"\n    linear_start: 0.00085\n',
+            "v_prediction",
+            "parameterization: v",
+        ),
+        ("plain.safetensors", "model:\n  params:\n    linear_start: 0.00085\n", "epsilon", "parameterization: eps"),
+    ],
+)
+def test_sd2_single_file_prediction_type(sd2_files, tmp_path, name, yaml_text, prediction, why):
+    path = tmp_path / name
+    os.symlink(sd2_files / name, path)
+    if yaml_text is not None:
+        path.with_suffix(".yaml").write_text(yaml_text)
+    config, notes = _load_sd2(path)
+    assert config.scheduler["prediction_type"] == prediction
+    assert config.unet.sample_size == (96 if prediction == "v_prediction" else 64)  # 768 or 512 pixels
+    assert len(notes) == 1 and why in notes[0] and prediction.replace("_", "-") in notes[0].replace("_", "-")
+    # --model_type still overrides, silently.
+    forced = "sd21_base" if prediction == "v_prediction" else "sd21_768_v"
+    config, notes = _load_sd2(path, model_type=forced)
+    assert config.scheduler["prediction_type"] != prediction and not notes
+
+
+def test_sd2_unreadable_yaml_is_a_one_line_error(sd2_files, tmp_path):
+    path = tmp_path / "plain.safetensors"
+    os.symlink(sd2_files / "plain.safetensors", path)
+    path.with_suffix(".yaml").write_text("model: [unclosed")
+    with pytest.raises(CheckpointError, match="plain.yaml: not an original Stable Diffusion config"):
+        _load_sd2(path)

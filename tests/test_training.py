@@ -1,5 +1,6 @@
 """Training: the loss against diffusers' noise, targets and U-Net; over-fitting; resume after SIGKILL; devices."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import load_file
 
+import sd_jax
 from sd_jax.config import SD_SCHEDULER
 from sd_jax.convert.params import state_to_flat, state_to_torch
 from sd_jax.models import abstract_components, random_components
@@ -197,6 +199,24 @@ def test_vae_overfits(tmp_path, images):
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     # From scratch, the latent scale is measured on the data, not left at SD's 0.18215.
     assert config["vae"]["scaling_factor"] != 0.18215
+
+    # The same run again with --standardize_latents resumes at its end and writes the same VAE reparametrized:
+    # latent channels centred and of unit spread on the data, scale 1, and the same round trip.
+    (tmp_path / "run" / "model").rename(tmp_path / "plain")
+    Trainer(dataclasses.replace(opts, standardize_latents=True), show_progress=False, devices=jax.devices()[:1]).run()
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["vae"]["scaling_factor"] == 1.0
+    plain, standard = (sd_jax.load(str(p)) for p in (tmp_path / "plain", tmp_path / "run" / "model"))
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.png"))]
+    graph, abstract = abstract_components(standard.config)["vae"]
+    vae = losses.merge(graph, abstract, {k: jnp.asarray(v) for k, v in state_to_flat(standard.states["vae"]).items()})
+    mean, logvar = (np.asarray(a) for a in vae.encode(jnp.asarray(np.stack(pixels) / 127.5 - 1.0, jnp.float32)))
+    # Latent samples (mean + std * noise, what the U-Net trains on): per channel, mean 0 and variance
+    # var(mean) + E[exp(logvar)] = 1, up to the 256-sample estimate the trainer made (4 images x 8 x 8 positions).
+    np.testing.assert_allclose(mean.mean(axis=(0, 1, 2)), 0.0, atol=0.1)
+    np.testing.assert_allclose(mean.var(axis=(0, 1, 2)) + np.exp(logvar).mean(axis=(0, 1, 2)), 1.0, atol=0.15)
+    latents = np.stack([standard.encode_image(p) for p in pixels])
+    before = plain.decode_latents(np.stack([plain.encode_image(p) for p in pixels]) / plain.config.vae.scaling_factor)
+    np.testing.assert_allclose(standard.decode_latents(latents), before, atol=1e-4)
 
 
 def _final_params(trainer):

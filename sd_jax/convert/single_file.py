@@ -29,6 +29,7 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -443,6 +444,33 @@ def detect_model_type(state_dict: Mapping[str, Any]) -> str:
 def _ema_key(key: str) -> str:
     """`model.diffusion_model.input_blocks.0.0.weight` -> `model_ema.diffusion_modelinput_blocks00weight`."""
     return EMA + key.removeprefix("model.").replace(".", "")
+
+
+def sd2_v_prediction(path: Path, global_step: int | None) -> tuple[bool, str]:
+    """Whether an SD 2.x single file predicts v (the 768-v models) or epsilon (the 512 base models), and why.
+
+    The weights cannot tell. As the ecosystem decides: a same-name `.yaml` beside the checkpoint (the original
+    inference configs) says `parameterization: "v"` or not; without one, diffusers' rule: epsilon only for the
+    base model's `global_step` 875000, else v-prediction.
+    """
+    yaml_file = next((f for f in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if f.is_file()), None)
+    if yaml_file is not None:
+        import yaml
+
+        try:
+            original = yaml.safe_load(yaml_file.read_text())
+            params = original["model"]["params"]
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, KeyError, TypeError) as e:
+            what = type(e).__name__
+            raise CheckpointError(f"{yaml_file}: not an original Stable Diffusion config ({what})") from None
+        if not isinstance(params, dict):
+            raise CheckpointError(f"{yaml_file}: model.params is not a mapping")
+        value = params.get("parameterization", "eps")
+        return value == "v", f"{yaml_file.name} says parameterization: {value}"
+    if global_step == 875000:
+        return False, "no .yaml beside it; global_step 875000 is the SD 2.x base model's (--model_type overrides)"
+    step = "no global_step" if global_step is None else f"global_step {global_step}"
+    return True, f"no .yaml beside it and {step}: the SD 2.x 768-v rule (--model_type overrides)"
 
 
 def _skip_reason(key: str, *, model_type: str, ema_in_use: bool, last_resblock: int | None) -> str | None:

@@ -30,6 +30,8 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a PyTorch weight file into numpy arrays, choosing the reader by the file extension.
 
+    `read_checkpoint` also gives what a Lightning checkpoint stores beside its weights.
+
     Args:
       path: a `.safetensors`, `.ckpt`, `.pt`, `.pth` or `.bin` file.
 
@@ -39,6 +41,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
       CheckpointError: missing file, directory, unknown extension, corrupt file, or a pickle that would run code.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """`read_state_dict` and the file's training counters: {"global_step": N} when a pickled checkpoint has one
+    (the original SD 2.x files are told apart by it), else {}."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, expected a single weight file (.safetensors or .ckpt)")
@@ -46,9 +54,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: no such file")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return read_safetensors(path)
+        return read_safetensors(path), {}
     if suffix in PICKLE_SUFFIXES:
-        return read_torch_pickle(path)
+        extras = {}
+        return read_torch_pickle(path, extras), extras
     known = ", ".join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
     raise CheckpointError(f"{path}: unknown weight file extension {suffix or '(none)'!r}; expected one of {known}")
 
@@ -68,12 +77,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_torch_pickle(path: str | os.PathLike, extras: dict | None = None) -> dict[str, np.ndarray]:
     """Reads a pickled PyTorch file with `torch.load(weights_only=True)`; refuses pickles that would run code.
 
     A top-level `state_dict` entry (Lightning checkpoints such as the original Stable Diffusion `.ckpt`) is
-    unwrapped and the rest of the top level (`global_step`, `epoch`, optimizer state, ...) is dropped. Within the
-    state dict, entries that are not tensors are skipped.
+    unwrapped and the rest of the top level (`global_step`, `epoch`, optimizer state, ...) is dropped, except an
+    integer `global_step`, which goes into `extras` when given. Within the state dict, entries that are not tensors
+    are skipped.
     """
     path = os.fspath(path)
     try:
@@ -96,6 +106,9 @@ def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {first_line}") from e
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        step = loaded.get("global_step")
+        if extras is not None and isinstance(step, int | torch.Tensor) and np.size(step) == 1:
+            extras["global_step"] = int(step)
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(loaded)}")

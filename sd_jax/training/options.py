@@ -37,6 +37,9 @@ class TrainOptions:
       vae_decoder_only: train the VAE's decoder only, keeping the latent space (as SD's ft-MSE VAE was tuned).
       vae_scaling_factor: the latent scale written into a VAE run's model (None: kept when fine-tuning,
         measured as 1 / std of the training latents when training from scratch).
+      standardize_latents: a VAE run writes a model whose latent channels have zero mean and unit std over the
+        training data (`latent_space.standardize_vae`: an exact reparametrization, scaling_factor 1); only the
+        written model changes, not the training.
     """
 
     output_dir: str
@@ -68,6 +71,7 @@ class TrainOptions:
     kl_weight: float = 1e-6
     vae_scaling_factor: float | None = None
     vae_decoder_only: bool = False
+    standardize_latents: bool = False
     cache_latents: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -89,6 +93,8 @@ class TrainOptions:
             raise ValueError("--train_text_encoder needs --component=unet")
         if self.vae_decoder_only and self.component != "vae":
             raise ValueError("--vae_decoder_only needs --component=vae")
+        if self.standardize_latents and (self.component != "vae" or self.vae_scaling_factor is not None):
+            raise ValueError("--standardize_latents needs --component=vae and no --vae_scaling_factor (it writes 1)")
         if self.component == "vae" and self.cache_latents:
             raise ValueError("--cache_latents needs --component=unet (the VAE itself is what trains)")
         if self.cache_latents and not self.center_crop:
@@ -140,7 +146,7 @@ class TrainOptions:
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues (what shapes the trajectory)."""
         volatile = {"output_dir", "save_every", "keep", "log_every", "sample_every", "sample_prompts", "sample_steps"}
-        volatile |= {"num_workers", "fsdp"}
+        volatile |= {"num_workers", "fsdp", "standardize_latents"}
         if self.lr_schedule == "constant":
             volatile.add("max_steps")  # a constant-rate run may be extended; a cosine one decays to its end
         return {k: v for k, v in self.to_dict().items() if k not in volatile}

@@ -34,6 +34,7 @@ from sd_jax.loading import load_components
 from sd_jax.models import abstract_components, random_components, resolve_dtype
 from sd_jax.parallel import batch_mesh
 from sd_jax.tokenizer import load_tokenizer
+from sd_jax.training import latent_space
 from sd_jax.training import loss as losses
 from sd_jax.training import step as steps
 from sd_jax.training.checkpoints import Checkpoints
@@ -160,16 +161,19 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------------
     def _trained_states(self, state: steps.TrainState) -> dict:
         """Every component's nnx state with the trained parameters (the EMA's when EMA is on); all hosts call it."""
-        from flax import nnx
-
         trained = _host(state.ema if state.ema is not None else state.params)
         states = dict(self.states)
         for name in self.trained:
-            flat = self._full_flat(name, trained[name])
-            abstract = abstract_components(self.config, jnp.float32)[name][1]
-            pairs = [(p, v.replace(jnp.asarray(flat[path_to_name(p)]))) for p, v in nnx.to_flat_state(abstract)]
-            states[name] = nnx.from_flat_state(pairs)
+            states[name] = self._state_from_flat(name, self._full_flat(name, trained[name]))
         return states
+
+    def _state_from_flat(self, name: str, flat: dict):
+        """A component's nnx state from its flat parameters."""
+        from flax import nnx
+
+        abstract = abstract_components(self.config, jnp.float32)[name][1]
+        pairs = [(p, v.replace(jnp.asarray(flat[path_to_name(p)]))) for p, v in nnx.to_flat_state(abstract)]
+        return nnx.from_flat_state(pairs)
 
     def _full_flat(self, name: str, trained: dict) -> dict:
         """A component's complete flat parameters: the trained ones over the start point's."""
@@ -241,22 +245,30 @@ class Trainer:
         os.replace(tmp, path)
         return path
 
-    def _final_config(self, state: steps.TrainState) -> ModelConfig:
-        """The config written with the model: a from-scratch VAE gets the latent scale measured on the data."""
-        config = self.config
+    def _final(self, state: steps.TrainState) -> tuple[ModelConfig, dict]:
+        """The config and component states written as the model. A VAE run writes its latent scale: given, kept
+        when fine-tuning, or measured on the data from scratch; --standardize_latents folds each latent channel's
+        measured mean and std into the VAE instead (scale 1)."""
+        config, states = self.config, self._trained_states(state)
         o = self.options
         if o.component != "vae":
-            return config
+            return config, states
         factor = o.vae_scaling_factor
-        if factor is None and o.model is None:
-            factor = self._measure_scaling_factor(state)
+        if o.standardize_latents:
+            shift, scale = latent_space.channel_stats(self._latent_samples(states["vae"]))
+            flat = latent_space.standardize_vae(_flat(states["vae"]), shift, scale)
+            states = {**states, "vae": self._state_from_flat("vae", flat)}
+            log.info("latent channels standardized: mean %s, std %s", np.round(shift, 4), np.round(scale, 4))
+            factor = 1.0
+        elif factor is None and o.model is None:
+            factor = float(1.0 / np.std(self._latent_samples(states["vae"])))
         if factor is None:
-            return config
-        return dataclasses.replace(config, vae=dataclasses.replace(config.vae, scaling_factor=float(factor)))
+            return config, states
+        return dataclasses.replace(config, vae=dataclasses.replace(config.vae, scaling_factor=float(factor))), states
 
-    def _measure_scaling_factor(self, state) -> float:
-        """1 / std of the trained VAE's latent samples over up to 256 training images (as SD's 0.18215 was set)."""
-        params = self._full_flat("vae", _host(state.ema if state.ema is not None else state.params)["vae"])
+    def _latent_samples(self, vae_state) -> np.ndarray:
+        """Latent samples (mean + std * noise) of the VAE over up to 256 training images, centre-cropped."""
+        params = {k: jnp.asarray(v) for k, v in _flat(vae_state).items()}
         graph, abstract = self.graphs["vae"]
         encode = jax.jit(lambda flat, x: losses.merge(graph, abstract, flat).encode(x))
         samples = []
@@ -266,13 +278,11 @@ class Trainer:
             pixels = np.stack([self.dataset.centered(i) for i in range(start, min(count, start + 16))])
             mean, logvar = (np.asarray(a, np.float32) for a in encode(params, jnp.asarray(pixels)))
             samples.append(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32))
-        return float(1.0 / np.std(np.concatenate(samples)))
+        return np.concatenate(samples)
 
     def write_model(self, state: steps.TrainState) -> Path:
         """The trained model as a converted folder `output_dir/model` (EMA weights when EMA is on)."""
-
-        states = self._trained_states(state)
-        config = self._final_config(state)
+        config, states = self._final(state)
         if jax.process_index() == 0:
             checkpoint.save_converted(self.out / "model", config, states, self.tokenizer, overwrite=True)
         return self.out / "model"
