@@ -27,5 +27,6 @@ def get_config() -> ModelConfig:
         unet=UNetConfig(),
         vae=VAEConfig(),
         scheduler=dict(SD_SCHEDULER),
+        family="sd1",
         pad_token=SD1_PAD_TOKEN,
     )

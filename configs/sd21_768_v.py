@@ -18,5 +18,6 @@ def get_config() -> ModelConfig:
         unet=dataclasses.replace(SD2_UNET, sample_size=96, upcast_attention=True),
         vae=VAEConfig(sample_size=768),
         scheduler={**SD_SCHEDULER, "prediction_type": "v_prediction"},
+        family="sd2",
         pad_token=SD2_PAD_TOKEN,
     )

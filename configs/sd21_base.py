@@ -36,5 +36,6 @@ def get_config() -> ModelConfig:
         unet=SD2_UNET,
         vae=VAEConfig(),
         scheduler=dict(SD_SCHEDULER),
+        family="sd2",
         pad_token=SD2_PAD_TOKEN,
     )

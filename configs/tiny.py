@@ -37,5 +37,6 @@ def get_config() -> ModelConfig:
             sample_size=64,
         ),
         scheduler=dict(SD_SCHEDULER),
+        family="sd1",
         pad_token=SD1_PAD_TOKEN,
     )

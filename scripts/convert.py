@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags
 
-from sd_jax.loading import MODEL_TYPES
+from sd_jax.convert.readers import MODEL_TYPES
 
 flags.DEFINE_string("checkpoint", None, "A diffusers folder or an original .safetensors / .ckpt file.", required=True)
 flags.DEFINE_string("output", None, "The folder to write (must not exist, unless --overwrite).", required=True)

@@ -17,9 +17,11 @@ python scripts/train.py --config=shapes64 --component=vae --data="$data" --outpu
   --resolution=64 --random_flip --batch_size=8 --max_steps=2000 --learning_rate=7e-4 --warmup_steps=100 \
   --lr_schedule=cosine --max_grad_norm=1e6 --save_every=250 --log_every=25 --seed=0
 
-# 2. Its decoder alone, longer (the encoder, and so the latent space, stays as it is).
-python scripts/train.py --model="$runs/shapes64_vae/model" --component=vae --vae_decoder_only --data="$data" \
-  --output_dir="$runs/shapes64_vae_decoder" --resolution=64 --random_flip --batch_size=8 --max_steps=1200 \
+# 2. Its decoder alone, longer (the encoder, and so the latent space, stays as it is). The written VAE has its latent
+# channels standardized (zero mean, unit std over the data, folded into its 1x1 convs; scaling_factor 1), so the
+# U-Net's noise schedule sees the signal-to-noise ratios it was designed for.
+python scripts/train.py --model="$runs/shapes64_vae/model" --component=vae --vae_decoder_only --standardize_latents \
+  --data="$data" --output_dir="$runs/shapes64_vae_decoder" --resolution=64 --random_flip --batch_size=8 --max_steps=1200 \
   --learning_rate=2e-4 --warmup_steps=50 --max_grad_norm=1e6 --save_every=200 --log_every=50 --seed=1
 
 # 3. The U-Net and the text encoder on cached latents, with 10% empty captions for classifier-free guidance.

@@ -10,24 +10,17 @@ import sys
 
 from absl import app, flags
 
-from sd_jax.cli import define_common_flags
+from sd_jax.cli import define_script_flags
 
-define_common_flags(size_default="the model's native size (64 for the default model, 512 for SD 1.x)")
-flags.DEFINE_bool("list_samplers", False, "List the samplers (name, denoiser calls per step, twin) and exit.")
-flags.DEFINE_string("from_png", None, "Regenerate an image from the settings stored in this PNG.")
+define_script_flags("txt2img", size_default="the model's native size (64 for the default model, 512 for SD 1.x)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    from sd_jax.cli import list_samplers, quiet_logs, run_script
+    from sd_jax import cli
 
-    quiet_logs()
-    if FLAGS.list_samplers:
-        print(list_samplers())
-        return
-    for path in run_script("txt2img", FLAGS):
-        print(path)
+    cli.main("txt2img", FLAGS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The converted-model folder: per-component safetensors of the Flax parameter trees plus JSON configs.
 
     DIR/model_index.json            {"format": "sd_jax", "version": 1, "name": ..., "dtype": ...}
-    DIR/config.json                 the ModelConfig (all three architectures, scheduler, pad token)
+    DIR/config.json                 the ModelConfig (all three architectures, scheduler, family, pad token)
     DIR/{text_encoder,unet,vae}/params.safetensors   flat `path.to.leaf` -> array
     DIR/tokenizer/                  the tokenizer's own files
     DIR/scheduler/scheduler_config.json               the diffusers scheduler config
@@ -74,7 +74,10 @@ def save_converted(
 
 
 def read_converted(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, dict[str, nnx.State]]:
-    """Reads a converted folder's config and parameter states (cast to `dtype`)."""
+    """Reads a converted folder's config and parameter states (cast to `dtype`).
+
+    A folder written before configs named their family gets the one its pad token marks (`ModelConfig.from_dict`).
+    """
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text())
     if index.get("version") != VERSION:

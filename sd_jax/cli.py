@@ -1,8 +1,9 @@
 """What the absl scripts share: their common flags, the generate-and-save run, and one-line user errors.
 
-Each script defines its own flags (the input image, strength, mask, ...) beside `define_common_flags()`, then calls
-`run_script(mode, FLAGS)`: load, check, generate with a progress bar, save PNGs with AUTOMATIC1111's `parameters`
-text, sd_jax's JSON settings and the invisible watermark.
+A generation script is `define_script_flags(mode)` (a flag per `GenerationSettings` field of the mode, plus the
+model, output and input-image flags) and `main(mode, FLAGS)`: the settings are checked before the model loads, then
+the images are generated with a progress bar and saved as PNGs with AUTOMATIC1111's `parameters` text, sd_jax's
+JSON settings and the invisible watermark.
 """
 
 from __future__ import annotations
@@ -32,37 +33,6 @@ USER_ERRORS = (
     WatermarkUnavailableError,
 )
 
-# The settings of each mode that --from_png takes back from a PNG (the rest come from the command line).
-_REGENERATED = (
-    "prompt",
-    "negative_prompt",
-    "steps",
-    "sampler",
-    "schedule",
-    "guidance_scale",
-    "seed",
-    "width",
-    "height",
-    "clip_skip",
-    "eta",
-    "guidance_rescale",
-)
-
-
-# The pipeline options every mode takes, under the same names in the settings.
-_OPTIONS = (
-    "negative_prompt",
-    "steps",
-    "guidance_scale",
-    "sampler",
-    "schedule",
-    "eta",
-    "seed",
-    "num_images",
-    "clip_skip",
-    "guidance_rescale",
-)
-
 
 def run_or_exit(fn, *args, **kwargs):
     """Calls fn; a user error (bad path, flag, checkpoint or size) exits 1 with a one-line message, no traceback."""
@@ -90,37 +60,47 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def define_common_flags(*, size_default: str) -> None:
-    """The flags every generation script takes.
-
-    size_default: what --height/--width default to, in words, for their help (their value is then None).
-    """
+def define_script_flags(mode: str, *, size_default: str = "the model's native size") -> None:
+    """A generation script's flags: one per `GenerationSettings` field of the mode, the model and output flags, and
+    the mode's input images (--init_image, --mask) or, for txt2img, --from_png and --list_samplers."""
     from absl import flags
 
+    from sd_jax import settings
+
+    settings.define_flags(mode, size_default=size_default)
     flags.DEFINE_string(
         "model",
         None,
         "Converted folder, diffusers folder, single file, or random:PRESET (random weights, e.g. random:tiny); "
         "default: the shipped shapes64 model (64x64 coloured shapes).",
     )
-    flags.DEFINE_string("prompt", None, "What to draw (AUTOMATIC1111 syntax: (word:1.3), [word], BREAK).")
-    flags.DEFINE_string("negative_prompt", "", "What to steer away from (same syntax).")
-    flags.DEFINE_integer("steps", 50, "Denoising steps.")
-    flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale (<= 1 turns guidance off).")
-    flags.DEFINE_string("sampler", "ddim", "Sampler name (see scripts/txt2img.py --list_samplers).")
-    flags.DEFINE_string("schedule", "default", "Noise schedule: default, karras or exponential.")
-    flags.DEFINE_float("eta", 0.0, "DDIM eta: 0 deterministic, 1 ancestral.")
-    flags.DEFINE_float("guidance_rescale", 0.0, "Rescale of the guided prediction, in [0, 1].")
-    flags.DEFINE_integer("seed", 0, "Image i uses seed + i.")
-    flags.DEFINE_integer("height", None, f"Image height in pixels, a multiple of 8; default: {size_default}.")
-    flags.DEFINE_integer("width", None, f"Image width in pixels, a multiple of 8; default: {size_default}.")
-    flags.DEFINE_integer("num_images", 1, "How many images.")
-    flags.DEFINE_integer("clip_skip", 1, "1: the text encoder's last layer; 2: the penultimate; ...")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter and compute dtype.")
     flags.DEFINE_string("model_type", "auto", "Single files: sd15, sd15_inpainting, sd21_base, sd21_768_v, ...")
     flags.DEFINE_string("bpe_vocab", None, "Single files / random:PRESET: CLIP's bpe_simple_vocab_16e6.txt.gz.")
     flags.DEFINE_string("output_dir", "outputs", "Where the PNGs go (existing files are never overwritten).")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
+    if mode == "txt2img":
+        flags.DEFINE_string("from_png", None, "Regenerate an image from the settings stored in this PNG.")
+        flags.DEFINE_bool("list_samplers", False, "List the samplers (name, denoiser calls per step, twin) and exit.")
+    else:
+        flags.DEFINE_string("init_image", None, f"The image to {_IMAGE_ROLES[mode]} (required).")
+    if mode == "inpaint":
+        flags.DEFINE_string("mask", None, "Mask image of the same size: white is repainted (required).")
+
+
+_IMAGE_ROLES = {"img2img": "start from", "inpaint": "repaint", "outpaint": "extend", "upscale": "upscale"}
+# What a PNG's JSON chunk holds besides the settings.
+PNG_EXTRAS = ("model", "dtype", "model_hash", "model_name", "version")
+
+
+def main(mode: str, flags_) -> None:
+    """A generation script's main: --list_samplers, or generate and print the written paths."""
+    quiet_logs()
+    if mode == "txt2img" and flags_.list_samplers:
+        print(list_samplers())
+        return
+    for path in run_script(mode, flags_):
+        print(path)
 
 
 def settings_from_png(path: str) -> dict:
@@ -142,70 +122,41 @@ def settings_from_png(path: str) -> dict:
     raise ValueError(f"{path} carries no generation settings (no {infotext.PARAMETERS_KEY!r} or sd_jax text)")
 
 
-def _settings(mode: str, flags_, extra: Mapping) -> dict:
-    settings = {
-        "mode": mode,
-        "prompt": flags_.prompt,
-        "negative_prompt": flags_.negative_prompt,
-        "steps": flags_.steps,
-        "sampler": flags_.sampler,
-        "schedule": flags_.schedule,
-        "guidance_scale": flags_.guidance_scale,
-        "seed": flags_.seed,
-        "clip_skip": flags_.clip_skip,
-        "eta": flags_.eta,
-        "guidance_rescale": flags_.guidance_rescale,
-        "dtype": flags_.dtype,
-        "model": flags_.model,
-    }
-    if flags_.height is not None:
-        settings["height"] = flags_.height
-    if flags_.width is not None:
-        settings["width"] = flags_.width
-    settings.update(extra)
-    return settings
+def _apply_png(settings, flags_, run: dict):
+    """--from_png: the PNG's txt2img settings replace the command line's, with one image of the PNG's seed; its
+    model and dtype too, unless given on the command line."""
+    import dataclasses
 
+    from sd_jax.settings import GenerationSettings
 
-def _apply_png(settings: dict, flags_) -> dict:
-    """--from_png: the PNG's settings replace the command line's, with one image of the PNG's seed."""
     stored = run_or_exit(settings_from_png, flags_.from_png)
     if stored.get("mode", "txt2img") != "txt2img":
         fail(f"{flags_.from_png} was made by {stored['mode']}: --from_png regenerates txt2img images only")
-    settings.update({k: stored[k] for k in _REGENERATED if k in stored})
-    if flags_["model"].present == 0 and stored.get("model"):
-        settings["model"] = stored["model"]
-    if flags_["dtype"].present == 0 and stored.get("dtype"):
-        settings["dtype"] = stored["dtype"]
-    settings["num_images"] = 1
+    taken = {k: stored[k] for k in GenerationSettings.fields_for("txt2img") if k in stored}
+    settings = run_or_exit(lambda: dataclasses.replace(settings, **{**taken, "num_images": 1}))
+    for key in ("model", "dtype"):
+        if flags_[key].present == 0 and stored.get(key):
+            run[key] = stored[key]
     return settings
 
 
-def check_inputs(mode: str, call: Mapping) -> None:
-    """The checks of an editing call that need no model (files, sizes, mask, strength, margins), so a mistake is
-    reported before a checkpoint is loaded. The pipeline checks them again."""
-    import numpy as np
-
+def check_inputs(settings, inputs: Mapping) -> None:
+    """The checks of an editing call's input files that need no model (readable images, the mask's size), so a
+    mistake is reported before a checkpoint is loaded. The pipeline checks them again."""
     from sd_jax import editing
-    from sd_jax.pipeline import check_strength
 
-    if "image" not in call:
+    if "image" not in inputs:
         return
-    image = editing.load_image(call["image"], "init image")
-    if call.get("strength") is not None:
-        check_strength(call["strength"])
-    if mode == "inpaint":
-        editing.load_mask(call["mask"], image.size)
-    if mode == "outpaint":
-        margins = {k: call.get(k, 0) for k in ("left", "right", "top", "bottom")}
-        editing.extend_canvas(np.asarray(image), **margins, seam=call.get("seam", 8), rng=np.random.default_rng(0))
-    if mode == "upscale" and not call["scale"] > 0:
-        raise ValueError(f"scale must be a positive number, got {call['scale']!r}")
+    image = editing.load_image(inputs["image"], "init image")
+    if settings.mode == "inpaint":
+        editing.load_mask(inputs["mask"], image.size)
+    if settings.mode == "outpaint":
+        editing.check_multiple(*image.size, what="image")
 
 
-def _announce(settings: Mapping) -> None:
+def _announce(model: str | None) -> None:
     from sd_jax.loading import RANDOM_PREFIX
 
-    model = settings.get("model")
     if model is None:
         print(
             "no --model given: using the default shapes model (64x64; it draws captions like "
@@ -216,88 +167,89 @@ def _announce(settings: Mapping) -> None:
         print(f"note: {model} has random weights, so the images are noise", file=sys.stderr)
 
 
-def _check_size(settings: Mapping) -> None:
-    """The sizes given (flags or --from_png), checked before a model is loaded; the others are the model's."""
-    bad = [
-        f"{side}={settings[side]}"
-        for side in ("height", "width")
-        if side in settings and not (isinstance(settings[side], int) and settings[side] > 0 and settings[side] % 8 == 0)
-    ]
-    if bad:
-        fail(f"height and width must be positive multiples of 8, got {', '.join(bad)}")
+class _ProgressBar:
+    """A sampling progress bar on stderr, opened at the first step (so an error before it stands on its own line)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, step: int, steps: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr)
+        self.bar.total = steps
+        self.bar.update(max(step - self.bar.n, 0))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def run_script(mode: str, flags_, call_kwargs: Mapping | None = None, extra_settings: Mapping | None = None):
-    """A script's work: settings from flags (or --from_png), load, generate with a progress bar, save.
-
-    Args:
-      mode: "txt2img", "img2img", "inpaint", "outpaint" or "upscale": the pipeline method to call.
-      call_kwargs: the mode's own arguments (image, mask, strength, ...).
-      extra_settings: what the PNG metadata records of them (strength, mask_blur, ...).
+def run_script(mode: str, flags_) -> list[str]:
+    """A script's work: settings from flags (or --from_png), checked; load; generate with a progress bar; save.
 
     Returns:
-      The paths of the written PNGs. User errors exit 1 with one line; nothing is half-written.
+      The paths of the written PNGs. User errors exit 1 with one line, before the model loads where they can;
+      nothing is half-written.
     """
-    from tqdm import tqdm
-
     from sd_jax import infotext, watermark
-    from sd_jax.config import SD2_PAD_TOKEN
-    from sd_jax.images import save_pngs
+    from sd_jax import settings as settings_lib
+    from sd_jax.images import save_generated
     from sd_jax.loading import load
+    from sd_jax.sampling.schedules import scheduler_settings
 
-    settings = _settings(mode, flags_, extra_settings or {})
-    settings["num_images"] = flags_.num_images
-    if mode == "txt2img" and getattr(flags_, "from_png", None):
-        settings = _apply_png(settings, flags_)
-    if not settings["prompt"]:
+    settings = run_or_exit(settings_lib.from_flags, mode, flags_)
+    run = {"model": flags_.model, "dtype": flags_.dtype}
+    if mode == "txt2img" and flags_.from_png:
+        settings = _apply_png(settings, flags_, run)
+    if not settings.prompt:
         fail("--prompt is required")
-    if mode == "txt2img":
-        _check_size(settings)
+    run_or_exit(settings.validate)
+    inputs = {}
+    if mode != "txt2img":
+        if not flags_.init_image or (mode == "inpaint" and not flags_.mask):
+            fail("--init_image and --mask are required" if mode == "inpaint" else "--init_image is required")
+        inputs["image"] = flags_.init_image
+        if mode == "inpaint":
+            inputs["mask"] = flags_.mask
     if flags_.watermark:
         run_or_exit(watermark.check_available)
-    run_or_exit(check_inputs, mode, call_kwargs or {})
-    _announce(settings)
-    pipe = run_or_exit(
-        load, settings["model"], settings["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab
+    run_or_exit(check_inputs, settings, inputs)
+    _announce(run["model"])
+    pipe = run_or_exit(load, run["model"], run["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
+    options = {k: v for k, v in settings.options().items() if k != "prompt" and not (k == "strength" and v is None)}
+    bar = _ProgressBar()
+    try:
+        images = run_or_exit(getattr(pipe, mode), settings.prompt, **inputs, progress=bar, **options)
+    finally:
+        bar.close()
+
+    stored = dict(
+        settings.to_json(),
+        strength=settings.resolved_strength(pipe.config.is_inpainting),
+        model=run["model"],
+        dtype=run["dtype"],
+        model_hash=infotext.model_hash(pipe.source),
+        model_name=Path(pipe.source).stem if pipe.source else pipe.config.name,
+        version=_version(),
     )
     if mode == "txt2img":
-        for side in ("height", "width"):
-            settings.setdefault(side, pipe.native_size)
-    options = {key: settings[key] for key in _OPTIONS}
-    if mode in ("txt2img", "img2img", "inpaint"):
-        options.update(height=settings.get("height"), width=settings.get("width"))
-    options.update(call_kwargs or {})
-    with tqdm(total=settings["steps"], desc="sampling", unit="step", file=sys.stderr) as bar:
-
-        def progress(step, steps):
-            bar.total = steps
-            bar.update(max(step - bar.n, 0))
-
-        images = run_or_exit(getattr(pipe, mode), settings["prompt"], progress=progress, **options)
-
-    hash_ = infotext.model_hash(pipe.source)
-    common = {
-        **settings,
-        "model_hash": hash_,
-        "model_name": Path(pipe.source).stem if pipe.source else pipe.config.name,
-        "version": _version(),
-    }
-    seeds = [settings["seed"] + i for i in range(len(images))]  # one prompt: image i has seed + i
+        stored.pop("strength")
+    spacing = scheduler_settings(pipe.config.scheduler)["timestep_spacing"]
+    seeds = [settings.seed + i for i in range(len(images))]  # one prompt: image i has seed + i
     texts = []
     for image, seed in zip(images, seeds, strict=True):
-        one = {**common, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
+        one = {**stored, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
         texts.append(
             {
-                infotext.PARAMETERS_KEY: infotext.format_infotext(one),
+                infotext.PARAMETERS_KEY: infotext.format_infotext(one, spacing),
                 infotext.SETTINGS_KEY: json.dumps(one, sort_keys=True),
             }
         )
-    payload = None
-    if flags_.watermark:
-        payload = watermark.PAYLOAD_SD2 if pipe.config.pad_token == SD2_PAD_TOKEN else watermark.PAYLOAD_SD1
-        if not all(watermark.watermark_fits(image) for image in images):
-            print(f"note: images under {watermark.MIN_SIZE} pixels a side carry no watermark", file=sys.stderr)
-    return run_or_exit(save_pngs, images, flags_.output_dir, seeds, texts=texts, watermark=payload)
+    return run_or_exit(
+        save_generated, images, flags_.output_dir, seeds, texts, family=pipe.config.family, watermark=flags_.watermark
+    )
 
 
 def _version() -> str:

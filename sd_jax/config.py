@@ -1,4 +1,4 @@
-"""A whole Stable Diffusion model's configuration: its three networks, its noise schedule, its tokenizer."""
+"""A whole Stable Diffusion model's configuration: its three networks, its noise schedule, its tokenizer, its family."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ SD_SCHEDULER = {
 SD1_PAD_TOKEN = "<|endoftext|>"
 SD2_PAD_TOKEN = "!"
 
+# The Stable Diffusion lineages a model can belong to, and the pad token each one's tokenizer uses.
+FAMILIES = ("sd1", "sd2")
+PAD_TOKENS = {"sd1": SD1_PAD_TOKEN, "sd2": SD2_PAD_TOKEN}
+
+
+def family_of_pad_token(pad_token: str) -> str:
+    """The family a tokenizer's pad token marks: "sd2" for OpenCLIP's "!", else "sd1".
+
+    Only for sources that do not name their family (diffusers folders, converted folders written before the field
+    existed); it is called once, when such a source is read.
+    """
+    return "sd2" if pad_token == SD2_PAD_TOKEN else "sd1"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -39,6 +52,8 @@ class ModelConfig:
       name: a preset name or a free-form description.
       text_encoder, unet, vae: the network architectures.
       scheduler: a diffusers `scheduler_config.json` dict (beta schedule, prediction_type, timestep spacing...).
+      family: "sd1" or "sd2", the Stable Diffusion lineage: it chooses the invisible watermark's payload and the
+        pad token of a tokenizer built without files of its own (single files, random presets).
       pad_token: the token prompts are padded with.
     """
 
@@ -47,7 +62,12 @@ class ModelConfig:
     unet: UNetConfig
     vae: VAEConfig
     scheduler: Mapping[str, Any]
+    family: str = "sd1"
     pad_token: str = SD1_PAD_TOKEN
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
 
     @property
     def prediction_type(self) -> str:
@@ -64,18 +84,23 @@ class ModelConfig:
             "unet": self.unet.to_dict(),
             "vae": self.vae.to_dict(),
             "scheduler": dict(self.scheduler),
+            "family": self.family,
             "pad_token": self.pad_token,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The inverse of `to_dict`; a dict without "family" (written before the field existed) takes the family
+        its pad token marks."""
+        pad_token = d.get("pad_token", SD1_PAD_TOKEN)
         return cls(
             name=d["name"],
             text_encoder=CLIPTextConfig.from_dict(d["text_encoder"]),
             unet=UNetConfig.from_dict(d["unet"]),
             vae=VAEConfig.from_dict(d["vae"]),
             scheduler=dict(d["scheduler"]),
-            pad_token=d.get("pad_token", SD1_PAD_TOKEN),
+            family=d.get("family") or family_of_pad_token(pad_token),
+            pad_token=pad_token,
         )
 
 

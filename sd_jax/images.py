@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -73,6 +74,47 @@ def save_pngs(
             os.unlink(tmp)
         paths.append(path)
     return paths
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def save_generated(
+    images: Sequence[Image.Image],
+    folder: str | os.PathLike,
+    seeds: Sequence[int],
+    texts: Sequence[Mapping[str, str]] | None = None,
+    *,
+    family: str,
+    watermark: bool = True,
+    log: Callable[[str], None] = _to_stderr,
+) -> list[Path]:
+    """Saves generated images as `save_pngs` does, with their texts and the watermark of their model family.
+
+    Args:
+      images: the generated images.
+      folder: where the PNGs go (created if missing; existing files are never overwritten).
+      seeds: each image's seed, which names its file.
+      texts: each image's PNG text chunks (AUTOMATIC1111's `parameters`, sd_jax's JSON settings).
+      family: the model's `ModelConfig.family`: "sd1" embeds the SD 1 scripts' payload, "sd2" the SD 2 scripts'.
+      watermark: False saves the images unmarked.
+      log: told, in one line, when some images are too small to carry the watermark (they are saved without it).
+
+    Returns:
+      The paths written, in the order of `images`.
+    """
+    from sd_jax import watermark as marks
+
+    payloads = {"sd1": marks.PAYLOAD_SD1, "sd2": marks.PAYLOAD_SD2}
+    if family not in payloads:
+        raise ValueError(f"model family must be one of {', '.join(payloads)}, got {family!r}")
+    payload = None
+    if watermark:
+        payload = payloads[family]
+        if not all(marks.watermark_fits(image) for image in images):
+            log(f"note: images under {marks.MIN_SIZE} pixels a side carry no watermark")
+    return save_pngs(images, folder, seeds, texts=texts, watermark=payload)
 
 
 def read_png_texts(path: str | os.PathLike) -> dict[str, str]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from sd_jax.settings import A1111_KEYS, MASK_MODES
+
 PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's PNG text chunk
 SETTINGS_KEY = "sd_jax"  # sd_jax's own PNG text chunk: json.dumps(settings, sort_keys=True)
 
@@ -41,7 +43,23 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "unipc": "UniPC",
 }
-A1111_SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+# sd_jax's "default" schedule is the model's own timestep spacing; it is written as the AUTOMATIC1111 (1.9+) schedule
+# type that walks the same timesteps: "DDIM" (timesteps 1, 1 + 1000 // n, ...) is SD's leading spacing with offset 1
+# exactly when n divides 1000, "Uniform" and "SGM Uniform" are the nearest to linspace and trailing spacing
+# (`A1111_SPACING_NAMES`). The exact setting travels in the JSON chunk. Never "Automatic": AUTOMATIC1111 reads that
+# as each sampler's own default.
+A1111_SCHEDULE_NAMES = {"default": "DDIM", "karras": "Karras", "exponential": "Exponential"}
+A1111_SPACING_NAMES = {"leading": "DDIM", "linspace": "Uniform", "trailing": "SGM Uniform"}
+# What AUTOMATIC1111 1.9+ runs for "Schedule type: Automatic" with each sampler (its samplers' `scheduler` option);
+# the others walk the model's timesteps, sd_jax's "default".
+A1111_AUTOMATIC = {
+    "dpm2": "karras",
+    "dpm2_a": "karras",
+    "dpmpp_2s_a": "karras",
+    "dpmpp_2m": "karras",
+    "dpmpp_sde": "karras",
+    "dpmpp_2m_sde": "exponential",
+}
 # AUTOMATIC1111's "fill" (blurred surrounding colours) has no sd_jax twin; sd_jax's "noise" is written as is.
 A1111_FILL_NAMES = {
     "original": "original",
@@ -49,13 +67,13 @@ A1111_FILL_NAMES = {
     "latent_noise": "latent noise",
     "latent_nothing": "latent nothing",
 }
-IMAGE_MODES = ("img2img", "inpaint", "outpaint", "upscale")  # modes that start from an image: strength applies
-MASK_MODES = ("inpaint", "outpaint")
 NEGATIVE_PREFIX = "Negative prompt:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack")
 
 _SAMPLERS_BY_A1111 = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
-_SCHEDULES_BY_A1111 = {v: k for k, v in A1111_SCHEDULE_NAMES.items()}
+_SCHEDULES_BY_A1111 = {v: k for k, v in A1111_SCHEDULE_NAMES.items()} | dict.fromkeys(
+    A1111_SPACING_NAMES.values(), "default"
+)
 _FILLS_BY_A1111 = {v: k for k, v in A1111_FILL_NAMES.items()}
 # `Key: value` with value a JSON string or anything up to the next comma.
 _PARAMETER = re.compile(r'\s*([^\s,:"][^,:"]*?)\s*:\s*("(?:\\.|[^\\"])*"|[^,]*?)\s*(?:,|$)')
@@ -89,25 +107,34 @@ def _present(settings: Mapping, key: str) -> bool:
     return settings.get(key) is not None
 
 
-def infotext_parameters(settings: Mapping) -> dict[str, Any]:
+def a1111_schedule_name(schedule: str, timestep_spacing: str = "leading") -> str:
+    """AUTOMATIC1111's "Schedule type" for an sd_jax schedule on a model with the given timestep spacing."""
+    if schedule == "default":
+        return A1111_SPACING_NAMES.get(timestep_spacing, A1111_SPACING_NAMES["leading"])
+    return A1111_SCHEDULE_NAMES.get(schedule, schedule)
+
+
+def infotext_parameters(settings: Mapping, timestep_spacing: str = "leading") -> dict[str, Any]:
     """The `Key: value` pairs of the parameter line, in AUTOMATIC1111's order, from sd_jax's settings keys.
 
-    Unknown sampler, schedule or fill names are written unchanged.
+    timestep_spacing: the model scheduler's, which names the "default" schedule. Unknown sampler, schedule or fill
+    names are written unchanged.
     """
     s = settings
+    keys = A1111_KEYS
     mode = s.get("mode")
     masked = mode is None or mode in MASK_MODES
     params: dict[str, Any] = {}
     if _present(s, "steps"):
-        params["Steps"] = s["steps"]
+        params[keys["steps"]] = s["steps"]
     if _present(s, "sampler"):
-        params["Sampler"] = A1111_SAMPLER_NAMES.get(s["sampler"], s["sampler"])
+        params[keys["sampler"]] = A1111_SAMPLER_NAMES.get(s["sampler"], s["sampler"])
     if _present(s, "schedule"):
-        params["Schedule type"] = A1111_SCHEDULE_NAMES.get(s["schedule"], s["schedule"])
+        params[keys["schedule"]] = a1111_schedule_name(s["schedule"], timestep_spacing)
     if _present(s, "guidance_scale"):
-        params["CFG scale"] = s["guidance_scale"]
+        params[keys["guidance_scale"]] = s["guidance_scale"]
     if _present(s, "seed"):
-        params["Seed"] = s["seed"]
+        params[keys["seed"]] = s["seed"]
     if _present(s, "width") and _present(s, "height"):
         params["Size"] = f"{format_number(s['width'])}x{format_number(s['height'])}"
     if _present(s, "model_hash"):
@@ -115,37 +142,39 @@ def infotext_parameters(settings: Mapping) -> dict[str, Any]:
     if _present(s, "model_name"):
         params["Model"] = s["model_name"]
     if _present(s, "strength") and mode != "txt2img":
-        params["Denoising strength"] = s["strength"]
+        params[keys["strength"]] = s["strength"]
     if _present(s, "clip_skip") and s["clip_skip"] > 1:
-        params["Clip skip"] = s["clip_skip"]
+        params[keys["clip_skip"]] = s["clip_skip"]
     if s.get("sampler") == "ddim" and s.get("eta"):
-        params["Eta DDIM"] = s["eta"]
+        params[keys["eta"]] = s["eta"]
     if masked and _present(s, "mask_blur"):
-        params["Mask blur"] = s["mask_blur"]
+        params[keys["mask_blur"]] = s["mask_blur"]
     if masked and s.get("only_masked"):
-        params["Inpaint area"] = "Only masked"
+        params[keys["only_masked"]] = "Only masked"
         if _present(s, "padding"):
-            params["Masked area padding"] = s["padding"]
+            params[keys["padding"]] = s["padding"]
     if masked and _present(s, "fill"):
-        params["Masked content"] = A1111_FILL_NAMES.get(s["fill"], s["fill"])
-    if _present(s, "upscale"):
-        params["Hires upscale"] = s["upscale"]
+        params[keys["fill"]] = A1111_FILL_NAMES.get(s["fill"], s["fill"])
+    scale = s.get("scale", s.get("upscale"))  # "upscale": the key of earlier sd_jax versions
+    if scale is not None:
+        params[keys["scale"]] = scale
     if _present(s, "version"):
         params["Version"] = f"sd_jax {s['version']}"
     return params
 
 
-def format_infotext(settings: Mapping) -> str:
+def format_infotext(settings: Mapping, timestep_spacing: str = "leading") -> str:
     """AUTOMATIC1111's infotext for sd_jax `settings` (keys as in the pipeline: prompt, steps, sampler, ...).
 
     Missing (or None) keys are left out, as are values that mean "off" (clip skip 1, DDIM eta 0, ...).
+    timestep_spacing: the model scheduler's (see `a1111_schedule_name`).
     """
     lines = []
     if settings.get("prompt"):
         lines.append(str(settings["prompt"]))
     if settings.get("negative_prompt"):
         lines.append(f"{NEGATIVE_PREFIX} {settings['negative_prompt']}")
-    params = infotext_parameters(settings)
+    params = infotext_parameters(settings, timestep_spacing)
     if params:
         lines.append(", ".join(f"{k}: {_value(v)}" for k, v in params.items()))
     return "\n".join(lines)
@@ -199,7 +228,9 @@ def sampler_from_a1111(name: str, schedule_type: str | None = None) -> tuple[str
     """sd_jax's (sampler, schedule) for AUTOMATIC1111's sampler name and "Schedule type".
 
     Older AUTOMATIC1111 versions name the schedule in the sampler ("DPM++ 2M Karras"); a plain name with no
-    schedule type means the sampler's own default schedule.
+    schedule type means the model's timesteps ("default"), as it does in 1.9+, which writes the type whenever it is
+    another. "Automatic" is the sampler's own default there (`A1111_AUTOMATIC`); "DDIM", "Uniform" and "SGM Uniform"
+    read as "default", the nearest sd_jax schedule.
 
     Raises:
       ValueError: a sampler or schedule type sd_jax does not have.
@@ -218,12 +249,13 @@ def sampler_from_a1111(name: str, schedule_type: str | None = None) -> tuple[str
                 break
     if sampler is None:
         raise ValueError(f"unknown sampler {name!r}; sd_jax has: {', '.join(A1111_SAMPLER_NAMES.values())}")
-    if schedule_type is not None:
+    if schedule_type is not None and schedule_type.strip().lower() == "automatic":
+        schedule = A1111_AUTOMATIC.get(sampler, "default")
+    elif schedule_type is not None:
         by_lower = {k.lower(): v for k, v in _SCHEDULES_BY_A1111.items()}
         if schedule_type.strip().lower() not in by_lower:
-            raise ValueError(
-                f"unknown schedule type {schedule_type!r}; sd_jax has: {', '.join(A1111_SCHEDULE_NAMES.values())}"
-            )
+            known = ", ".join(["Automatic", *_SCHEDULES_BY_A1111])
+            raise ValueError(f"unknown schedule type {schedule_type!r}; sd_jax reads: {known}")
         schedule = by_lower[schedule_type.strip().lower()]
     return sampler, schedule
 
@@ -250,21 +282,15 @@ def settings_from_infotext(text: str) -> dict:
     parsed = parse_infotext(text)
     p = parsed["parameters"]
     settings: dict[str, Any] = {"prompt": parsed["prompt"], "negative_prompt": parsed["negative_prompt"]}
-    for key, ours, kind in [
-        ("Steps", "steps", int),
-        ("CFG scale", "guidance_scale", float),
-        ("Seed", "seed", int),
-        ("Denoising strength", "strength", float),
-        ("Clip skip", "clip_skip", int),
-        ("Eta DDIM", "eta", float),
-        ("Mask blur", "mask_blur", int),
-        ("Masked area padding", "padding", int),
-        ("Hires upscale", "upscale", float),
-    ]:
-        if key in p:
-            settings[ours] = _number(p, key, kind)
-    if "Sampler" in p:
-        settings["sampler"], settings["schedule"] = sampler_from_a1111(p["Sampler"], p.get("Schedule type"))
+    numbers = {"steps": int, "guidance_scale": float, "seed": int, "strength": float, "clip_skip": int, "eta": float}
+    numbers |= {"mask_blur": int, "padding": int, "scale": float}
+    for ours, kind in numbers.items():
+        if A1111_KEYS[ours] in p:
+            settings[ours] = _number(p, A1111_KEYS[ours], kind)
+    if A1111_KEYS["sampler"] in p:
+        settings["sampler"], settings["schedule"] = sampler_from_a1111(
+            p[A1111_KEYS["sampler"]], p.get(A1111_KEYS["schedule"])
+        )
     if "Size" in p:
         size = _SIZE.fullmatch(p["Size"])
         if size is None:
@@ -274,10 +300,10 @@ def settings_from_infotext(text: str) -> dict:
         settings["model_hash"] = p["Model hash"]
     if "Model" in p:
         settings["model_name"] = p["Model"]
-    if "Inpaint area" in p:
-        settings["only_masked"] = p["Inpaint area"] == "Only masked"
-    if p.get("Masked content") in _FILLS_BY_A1111:
-        settings["fill"] = _FILLS_BY_A1111[p["Masked content"]]
+    if A1111_KEYS["only_masked"] in p:
+        settings["only_masked"] = p[A1111_KEYS["only_masked"]] == "Only masked"
+    if p.get(A1111_KEYS["fill"]) in _FILLS_BY_A1111:
+        settings["fill"] = _FILLS_BY_A1111[p[A1111_KEYS["fill"]]]
     return settings
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from sd_jax.models import abstract_components
 from sd_jax.prompts import tokenize_weighted, weighted_mean_restore
 from sd_jax.sampling import samplers, schedules
 from sd_jax.sampling.schedules import scheduler_settings
+from sd_jax.settings import signature
 
 MAX_SEED = 2**32 - 1  # PRNG seeds are 32-bit (as AUTOMATIC1111's); larger ones would alias
 ImageInput = Image.Image | str | os.PathLike
@@ -61,6 +63,13 @@ class Start:
     mask: np.ndarray | None = None
     masked: np.ndarray | None = None
     fill: str = "original"
+
+
+_P = inspect.Parameter
+_IMAGE = _P("image", _P.POSITIONAL_OR_KEYWORD)
+_MASK = _P("mask", _P.POSITIONAL_OR_KEYWORD)
+_LATENTS = _P("latents", _P.KEYWORD_ONLY, default=None)
+_PROGRESS = _P("progress", _P.KEYWORD_ONLY, default=None)
 
 
 class StableDiffusionPipeline:
@@ -231,6 +240,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"seed must be an integer in [0, 2**32 - num_images], got {seed!r}")
         samplers.check(sampler, schedule)
 
+    @signature("txt2img", (_LATENTS, _PROGRESS))
     def txt2img(
         self,
         prompt: str | Sequence[str],
@@ -289,6 +299,7 @@ class StableDiffusionPipeline:
         )
         return [Image.fromarray(p) for p in pixels]
 
+    @signature("img2img", (_IMAGE, _LATENTS, _PROGRESS))
     def img2img(
         self,
         prompt: str | Sequence[str],
@@ -334,6 +345,7 @@ class StableDiffusionPipeline:
         pixels = self._run(prompt, negative_prompt, height=height, width=width, start=start, tile=tile, **options)
         return [Image.fromarray(p) for p in pixels]
 
+    @signature("inpaint", (_IMAGE, _MASK, _LATENTS, _PROGRESS))
     def inpaint(
         self,
         prompt: str | Sequence[str],
@@ -392,6 +404,7 @@ class StableDiffusionPipeline:
             **options,
         )
 
+    @signature("outpaint", (_IMAGE, _LATENTS, _PROGRESS))
     def outpaint(
         self,
         prompt: str | Sequence[str],
@@ -430,6 +443,7 @@ class StableDiffusionPipeline:
             prompt, canvas, alpha, negative_prompt=negative_prompt, strength=strength, fill="original", **options
         )
 
+    @signature("upscale", (_IMAGE, _LATENTS, _PROGRESS))
     def upscale(
         self,
         prompt: str | Sequence[str],

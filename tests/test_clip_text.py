@@ -11,8 +11,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from sd_jax.convert.params import ConversionError, abstract_model, state_from_torch
-from sd_jax.modules.clip_text import CLIPTextConfig, CLIPTextModel, clip_state_dict_for_flax
+from sd_jax.convert.params import ConversionError, abstract_model, clip_state_dict_for_flax, state_from_torch
+from sd_jax.modules.clip_text import CLIPTextConfig, CLIPTextModel
 
 # Float32 on CPU with "highest" matmul precision (conftest): both sides do the same float32 arithmetic in a
 # different order (fused vs unfused kernels, erf implementations), so outputs of order 1 after layer norm agree

@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler
 from sd_jax.sampling import schedules
 from sd_jax.sampling.ddim import sample_ddim
 from sd_jax.sampling.denoisers import vp_denoiser
+from sd_jax.sampling.loop import SamplerOptions
 
 SD_SCHEDULER = {
     "beta_start": 0.00085,
@@ -64,9 +65,11 @@ def test_ddim_matches_diffusers(overrides, steps):
             denoise,
             x,
             jnp.asarray(schedule.sigmas),
-            sigmas_next=jnp.asarray(schedule.sigmas_next),
-            num_steps=n,
-            clip_x0=settings["clip_sample_range"] if settings["clip_sample"] else None,
+            options=SamplerOptions(
+                num_steps=n,
+                sigmas_next=jnp.asarray(schedule.sigmas_next),
+                clip_x0=settings["clip_sample_range"] if settings["clip_sample"] else None,
+            ),
         )
     )
     ours = np.asarray(run(jnp.asarray(noise) * schedule.init_scale, steps)) * schedule.final_scale
@@ -81,8 +84,9 @@ def test_python_loop_matches_fori_loop():
     schedule = schedules.ddim_schedule(config, 10, max_steps=20)
     denoise = vp_denoiser(lambda x, t: 0.5 * x + t / 1000.0, jnp.asarray(schedule.train_sigmas), "epsilon")
     x = jax.random.normal(jax.random.key(1), (1, 4, 4, 4))
-    a = sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), num_steps=10, python_loop=True)
-    b = jax.jit(lambda x: sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), num_steps=10))(x)
+    options = SamplerOptions(num_steps=10)
+    a = sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), options=options.replace(python_loop=True))
+    b = jax.jit(lambda x: sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), options=options))(x)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
@@ -91,7 +95,9 @@ def test_eta_noise_is_keyed_per_image():
     denoise = vp_denoiser(lambda x, t: 0.5 * x, jnp.asarray(schedule.train_sigmas), "epsilon")
     keys = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(jax.random.key(1), (3, 4, 4, 4))
-    run = jax.jit(lambda x, k, eta: sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), keys=k, eta=eta))
+    run = jax.jit(
+        lambda x, k, eta: sample_ddim(denoise, x, jnp.asarray(schedule.sigmas), keys=k, options=SamplerOptions(eta=eta))
+    )
     batch = np.asarray(run(x, keys, 1.0))
     alone = np.asarray(run(x[1:2], keys[1:2], 1.0))
     np.testing.assert_allclose(batch[1:2], alone, rtol=1e-6, atol=1e-6)
@@ -127,7 +133,11 @@ def test_ddim_eta_matches_diffusers_given_the_same_noise(prediction_type):
 
     denoise = vp_denoiser(model_fn, jnp.asarray(schedule.train_sigmas), prediction_type)
     ours = sample_ddim(
-        denoise, jnp.asarray(noise) * schedule.init_scale, jnp.asarray(schedule.sigmas), keys=keys, eta=eta
+        denoise,
+        jnp.asarray(noise) * schedule.init_scale,
+        jnp.asarray(schedule.sigmas),
+        keys=keys,
+        options=SamplerOptions(eta=eta),
     )
     ours = np.asarray(ours) * schedule.final_scale
     np.testing.assert_allclose(ours, latents.numpy(), rtol=1e-5, atol=1e-5)
@@ -142,7 +152,9 @@ def test_ddim_eta_one_reproduces_gaussian_moments():
     n = 4096
     x = initial_samples(jax.random.key(0), n, float(sigmas[0]))
     keys = jax.random.split(jax.random.key(1), n)
-    run = jax.jit(lambda x, k: sample_ddim(exact_denoiser(), x, jnp.asarray(sigmas), keys=k, eta=1.0))
+    run = jax.jit(
+        lambda x, k: sample_ddim(exact_denoiser(), x, jnp.asarray(sigmas), keys=k, options=SamplerOptions(eta=1.0))
+    )
     samples = np.asarray(run(x, keys))
     mean_err, var_err = check_moments(samples)
     print(f"ddim eta=1: mean error {mean_err:.2f}, variance error {var_err:.2f} standard errors")

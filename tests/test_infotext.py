@@ -220,3 +220,39 @@ def test_read_png_texts_errors(tmp_path):
         read_png_texts(jpeg)
     with pytest.raises(FileNotFoundError):
         read_png_texts(tmp_path / "missing.png")
+
+
+def test_default_schedule_is_written_as_the_a1111_type_that_walks_the_same_timesteps():
+    """Never "Automatic", which AUTOMATIC1111 1.9+ reads as the sampler's own default (Karras for DPM++ 2M)."""
+    for sampler in A1111_SAMPLER_NAMES:
+        text = format_infotext({"prompt": "p", "steps": 20, "sampler": sampler, "schedule": "default"})
+        assert "Schedule type: DDIM," in text + ",", text  # SD's leading spacing: timesteps 951, 901, ..., 1
+        assert "Automatic" not in text
+        for schedule in ("default", "karras", "exponential"):
+            for spacing in ("leading", "linspace", "trailing"):
+                settings = {"prompt": "p", "steps": 20, "sampler": sampler, "schedule": schedule}
+                read = settings_from_infotext(format_infotext(settings, spacing))
+                assert (read["sampler"], read["schedule"]) == (sampler, schedule), (sampler, schedule, spacing)
+    assert "Schedule type: Uniform" in format_infotext({"sampler": "euler", "schedule": "default"}, "linspace")
+    assert "Schedule type: SGM Uniform" in format_infotext({"sampler": "euler", "schedule": "default"}, "trailing")
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("DPM++ 2M", "karras"),
+        ("DPM++ SDE", "karras"),
+        ("DPM2", "karras"),
+        ("DPM2 a", "karras"),
+        ("DPM++ 2S a", "karras"),
+        ("DPM++ 2M SDE", "exponential"),
+        ("Euler", "default"),
+        ("Euler a", "default"),
+        ("DDIM", "default"),
+    ],
+)
+def test_automatic_reads_as_what_a1111_runs_for_the_sampler(name, expected):
+    read = settings_from_infotext(f"p\nSteps: 20, Sampler: {name}, Schedule type: Automatic, Seed: 1")
+    assert read["schedule"] == expected
+    # With no schedule type at all, the sampler walks the model's timesteps (before 1.9 and since).
+    assert settings_from_infotext(f"p\nSteps: 20, Sampler: {name}, Seed: 1")["schedule"] == "default"

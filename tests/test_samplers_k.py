@@ -24,6 +24,7 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling
 
 from sd_jax.sampling import dpm2, euler, lms, loop
 from sd_jax.sampling.denoisers import sigma_to_timestep, vp_denoiser
+from sd_jax.sampling.loop import SamplerOptions
 from tests import gaussian_problem
 from tests.test_ddim import SD_SCHEDULER
 
@@ -98,7 +99,7 @@ def jitted(name, prediction_type):
     def run(x, sigmas, timesteps, train_sigmas, num_steps, keys):
         denoise = vp_denoiser(jax_model, train_sigmas, prediction_type, sigmas=sigmas, timesteps=timesteps)
         extra = {"keys": keys} if name in ANCESTRAL else {}
-        return sample(denoise, x, sigmas, num_steps=num_steps, **extra)
+        return sample(denoise, x, sigmas, options=SamplerOptions(num_steps=num_steps), **extra)
 
     return jax.jit(run)
 
@@ -238,7 +239,9 @@ def test_ancestral_matches_twin_with_same_noise(name, variant, schedule_type, mo
     sample = SAMPLERS[name][2]
     keys = jax.random.split(jax.random.key(0), 2)
     x = jnp.asarray(noise) * np.float32(schedule.init_scale)
-    run = jax.jit(lambda x: sample(denoise, x, jnp.asarray(schedule.sigmas), num_steps=steps, keys=keys))
+    run = jax.jit(
+        lambda x: sample(denoise, x, jnp.asarray(schedule.sigmas), keys=keys, options=SamplerOptions(num_steps=steps))
+    )
     ours = np.asarray(run(x))
     print(f"{name} {variant} {schedule_type} steps={steps}: rel err {relative_error(ours, ref):.2e}")
     np.testing.assert_allclose(ours, ref, rtol=SIGMA_RTOL, atol=1e-5)
@@ -250,9 +253,10 @@ def gaussian_run(name, steps, n, key, **options):
     sigmas = jnp.asarray(schedule.sigmas)
     x = gaussian_problem.initial_samples(key, n, float(schedule.sigmas[0]))
     keys = jax.random.split(jax.random.fold_in(key, 1), n)
-    extra = {"keys": keys, **options} if name in ANCESTRAL else {}
+    extra = {"keys": keys} if name in ANCESTRAL else {}
+    sampler_options = SamplerOptions(num_steps=steps, **(options if name in ANCESTRAL else {}))
     denoise = gaussian_problem.exact_denoiser()
-    return np.asarray(jax.jit(lambda x: sample(denoise, x, sigmas, num_steps=steps, **extra))(x))
+    return np.asarray(jax.jit(lambda x: sample(denoise, x, sigmas, options=sampler_options, **extra))(x))
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -274,7 +278,9 @@ def test_ancestral_noise_is_keyed_per_image(name, key):
     schedule = make_schedule(SD_SCHEDULER, 6, 10, "karras")
     sigmas = jnp.asarray(schedule.sigmas)
     denoise = vp_denoiser(jax_model, jnp.asarray(schedule.train_sigmas), "epsilon")
-    run = jax.jit(lambda x, k, eta: sample(denoise, x, sigmas, num_steps=6, keys=k, eta=eta))
+    run = jax.jit(
+        lambda x, k, eta: sample(denoise, x, sigmas, keys=k, options=SamplerOptions(num_steps=6, eta_ancestral=eta))
+    )
     x = jax.random.normal(key, (3, 4, 4, 4)) * np.float32(schedule.init_scale)
     keys = jax.random.split(jax.random.key(5), 3)
     batch = np.asarray(run(x, keys, 1.0))
@@ -298,7 +304,7 @@ def test_traced_step_count(name):
 
     def run(x, sigmas, timesteps, train_sigmas, n, python_loop=False):
         denoise = denoise_for(train_sigmas, sigmas=sigmas, timesteps=timesteps)
-        return sample(denoise, x, sigmas, num_steps=n, keys=keys, python_loop=python_loop)
+        return sample(denoise, x, sigmas, keys=keys, options=SamplerOptions(num_steps=n, python_loop=python_loop))
 
     compiled = jax.jit(run)
     for steps in (2, 5):

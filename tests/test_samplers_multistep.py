@@ -12,6 +12,7 @@ from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistep
 
 from sd_jax.sampling import dpmpp, plms, schedules, unipc
 from sd_jax.sampling.denoisers import vp_denoiser
+from sd_jax.sampling.loop import SamplerOptions
 from tests import gaussian_problem
 from tests.test_ddim import SD_SCHEDULER
 
@@ -59,7 +60,7 @@ def jitted(name, prediction_type):
         denoise = vp_denoiser(jax_model, train_sigmas, prediction_type, sigmas=sigmas, timesteps=timesteps)
         if name == "plms":
             extra["sigmas_next"] = sigmas_next
-        return sample(denoise, x, sigmas, num_steps=n, **extra)
+        return sample(denoise, x, sigmas, options=SamplerOptions(num_steps=n, **extra))
 
     return jax.jit(run)
 
@@ -76,7 +77,9 @@ def run_ours(name, schedule, noise, prediction_type, python_loop=False):
         sample = TWINS[name][0]
         denoise = vp_denoiser(jax_model, args[4], prediction_type, sigmas=args[1], timesteps=args[3])
         extra = {"prediction_type": prediction_type, "sigmas_next": args[2]} if name == "plms" else {}
-        x = sample(denoise, args[0], args[1], num_steps=schedule.num_steps, python_loop=True, **extra)
+        x = sample(
+            denoise, args[0], args[1], options=SamplerOptions(num_steps=schedule.num_steps, python_loop=True, **extra)
+        )
     else:
         x = jitted(name, prediction_type)(*args, schedule.num_steps)
     return np.asarray(x) * schedule.final_scale
@@ -174,7 +177,7 @@ def test_dpmpp_2m_sde_matches_twin_with_its_noise():
             )
             ours = jax.jit(
                 lambda x, n, denoise=denoise, sigmas=sigmas: dpmpp.sample_dpmpp_2m_sde(
-                    denoise, x, sigmas, num_steps=n, keys=keys
+                    denoise, x, sigmas, keys=keys, options=SamplerOptions(num_steps=n)
                 )
             )(jnp.asarray(noise) * schedule.init_scale, steps)
             ours = np.asarray(ours) * schedule.final_scale
@@ -196,7 +199,7 @@ def test_stochastic_moments_determinism_and_batch_independence(name):
     schedule = make_schedule(SD_SCHEDULER, 30, 40, "karras")
     sigmas = jnp.asarray(schedule.sigmas)
     denoise = gaussian_problem.exact_denoiser()
-    run = jax.jit(lambda x, keys, n: sample(denoise, x, sigmas, num_steps=n, keys=keys))
+    run = jax.jit(lambda x, keys, n: sample(denoise, x, sigmas, keys=keys, options=SamplerOptions(num_steps=n)))
     n_samples = 4096
     x = gaussian_problem.initial_samples(jax.random.key(0), n_samples, float(schedule.sigmas[0]))
     keys = jax.random.split(jax.random.key(1), n_samples)

@@ -18,9 +18,10 @@ def pipe():
 
 
 # What the shipped weights score (BENCHMARKS.md), as floors a change of the model or the pipeline must keep. The
-# shape class is the weak attribute (44%, against 90% aimed for); colours and backgrounds are read right 96-100%.
-TRAIN_FLOORS = {"colour": 0.95, "background": 0.97, "shape": 0.40, "all": 0.40}
-HELD_OUT_FLOORS = {"colour": 0.90, "background": 0.95, "shape": 0.40, "all": 0.40}
+# shape class is the weak attribute (85% on the training captions and 67% held out, against 90% and 75% aimed for);
+# colours and backgrounds are read right 100%.
+TRAIN_FLOORS = {"colour": 0.97, "background": 0.97, "shape": 0.80, "all": 0.80}
+HELD_OUT_FLOORS = {"colour": 0.95, "background": 0.95, "shape": 0.60, "all": 0.60}
 
 
 def test_default_model_draws_the_training_captions(pipe):
@@ -77,8 +78,10 @@ def test_inpainting_puts_the_prompted_shape_in_the_box_and_keeps_the_rest(pipe):
         np.testing.assert_array_equal(out[:2], background[:2])
         results.append(shapes.evaluate(out))
     print(f"inpainting a yellow square: {results}")
-    # The colour lands in the box on the kept background every time; the shape comes out round (BENCHMARKS.md).
-    assert all((colour, bg) == ("yellow", "blue") for colour, _, bg in results)
+    # The background is kept every time and the prompted colour lands in the box in 3 of 4 seeds (the fourth takes
+    # the white of the kept strip); the shape is a square in 2 of 4 (BENCHMARKS.md).
+    assert all(bg == "blue" for _, _, bg in results)
+    assert sum(colour == "yellow" for colour, _, _ in results) >= 3
 
 
 def test_outpainting_extends_the_background(pipe):

@@ -404,7 +404,7 @@ def sd2_files(tmp_path_factory):
 
 
 def _load_sd2(path, **kwargs):
-    from sd_jax.loading import convert_single_file
+    from sd_jax.convert.readers import convert_single_file
 
     notes = []
     overrides = {"unet": {"attention_head_dim": UNET_HEADS["sd2"]}, "text_encoder": {"num_attention_heads": 4}}

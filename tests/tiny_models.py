@@ -43,7 +43,13 @@ def tiny_config(kind: str = "sd1") -> ModelConfig:
         )
         scheduler = {**config.scheduler, "prediction_type": "v_prediction"}
         return dataclasses.replace(
-            config, name="tiny_sd2_v", text_encoder=text, unet=unet, scheduler=scheduler, pad_token=SD2_PAD_TOKEN
+            config,
+            name="tiny_sd2_v",
+            text_encoder=text,
+            unet=unet,
+            scheduler=scheduler,
+            family="sd2",
+            pad_token=SD2_PAD_TOKEN,
         )
     raise ValueError(kind)
 

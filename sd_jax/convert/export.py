@@ -27,11 +27,11 @@ from safetensors.numpy import save_file
 
 from sd_jax.config import ModelConfig
 from sd_jax.convert import single_file
-from sd_jax.convert.params import flax_to_torch_layout, state_to_torch, torch_name
+from sd_jax.convert.params import clip_state_dict_for_torch, flax_to_torch_layout, state_to_torch, torch_name
 from sd_jax.convert.torch_files import CheckpointError
 from sd_jax.loading import RANDOM_PREFIX, LoadError, load_components
 from sd_jax.models import COMPONENTS, abstract_components, resolve_dtype
-from sd_jax.modules.clip_text import CLIPTextConfig, clip_state_dict_for_torch
+from sd_jax.modules.clip_text import CLIPTextConfig
 from sd_jax.modules.unet import UNetConfig
 from sd_jax.modules.vae import VAEConfig
 
@@ -46,7 +46,7 @@ _WEIGHT_FILES = {
 }
 _CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
 # A single file's text encoder layout follows from the activation: OpenAI CLIP (SD 1.x) or OpenCLIP (SD 2.x).
-_FAMILY_OF_ACTIVATION = {"quick_gelu": "sd1", "gelu": "sd2"}
+_LAYOUT_OF_ACTIVATION = {"quick_gelu": "sd1", "gelu": "sd2"}
 _DEFAULT_SCHEDULER = "DDIMScheduler"
 # The diffusers release whose folder layout the configs follow. diffusers reads the version to decide on fixes for
 # folders of its early releases (< 0.9: sample sizes, <= 0.5.1: the inpainting model), which must not apply here.
@@ -196,7 +196,7 @@ def single_file_model_type(config: ModelConfig) -> str:
         whose cross-attention width is not the text encoder's).
     """
     act = config.text_encoder.hidden_act
-    if act not in _FAMILY_OF_ACTIVATION:
+    if act not in _LAYOUT_OF_ACTIVATION:
         raise ValueError(
             f"a text encoder with hidden_act={act!r} has no original single-file layout (quick_gelu: SD 1.x CLIP, "
             "gelu: SD 2.x OpenCLIP); export to diffusers instead"
@@ -211,8 +211,8 @@ def single_file_model_type(config: ModelConfig) -> str:
             f"the U-Net's cross-attention width {config.unet.cross_attention_dim} is not the text encoder's width "
             f"{config.text_encoder.hidden_size}: not a Stable Diffusion single file"
         )
-    family = _FAMILY_OF_ACTIVATION[act]
-    return family + "_inpainting" if config.is_inpainting else family
+    layout = _LAYOUT_OF_ACTIVATION[act]
+    return layout + "_inpainting" if config.is_inpainting else layout
 
 
 def _loader_model_type(config: ModelConfig, model_type: str) -> str:

@@ -10,11 +10,15 @@ Only the leaf name and the layout differ:
   *Norm.weight (C,)               scale (C,)
   Embedding.weight (N, D)         embedding (N, D)
   *.bias                          bias
+
+The one naming difference is the text encoder's: hub folders name transformers' CLIPTextModel weights
+`text_model.*`, and `sd_jax.modules.clip_text.CLIPTextModel` has no such level (`clip_state_dict_for_flax`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +125,30 @@ def fill_state(
             parts.append(_format_keys("shape mismatches", mismatched, limit=10))
         raise ConversionError("; ".join(parts))
     return nnx.from_flat_state(filled)
+
+
+def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalises a transformers CLIPTextModel state dict to the names `CLIPTextModel` expects.
+
+    Strips the `text_model.` prefix that hub folders (transformers < 5) carry and drops the
+    `embeddings.position_ids` buffer older checkpoints saved (it is always `arange(max_position_embeddings)`).
+    Every other key is kept, so `state_from_torch` reports anything unexpected.
+    """
+    out = {}
+    for name, value in state_dict.items():
+        name = name.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in out:
+            raise ValueError(f"state dict has {name!r} both with and without the 'text_model.' prefix")
+        out[name] = value
+    return out
+
+
+def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `clip_state_dict_for_flax`: adds the `text_model.` prefix of hub folders' CLIPTextModel
+    weights, which every transformers version loads (transformers >= 5 itself saves the names without it)."""
+    return {f"text_model.{name}": value for name, value in state_dict.items()}
 
 
 def state_from_torch(

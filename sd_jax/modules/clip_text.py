@@ -1,8 +1,7 @@
 """The CLIP text encoder of Stable Diffusion (OpenAI ViT-L/14 for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x).
 
-Attribute names mirror `transformers.CLIPTextModel` without the `text_model.` prefix, so
-`sd_jax.convert.params.state_from_torch` maps a transformers state dict onto this module once
-`clip_state_dict_for_flax` has normalised its keys.
+Attribute names mirror `transformers.CLIPTextModel` without its `text_model.` level; mapping checkpoint names onto
+them is the converter's business (`sd_jax.convert.params`).
 """
 
 from __future__ import annotations
@@ -121,30 +120,6 @@ class CLIPTextConfig:
     def to_dict(self) -> dict[str, Any]:
         """Keyword arguments for `transformers.CLIPTextConfig(**...)` (and our own config JSON)."""
         return dataclasses.asdict(self)
-
-
-def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Normalises a transformers CLIPTextModel state dict to the names `CLIPTextModel` expects.
-
-    Strips the `text_model.` prefix that hub folders (transformers < 5) carry and drops the
-    `embeddings.position_ids` buffer older checkpoints saved (it is always `arange(max_position_embeddings)`).
-    Every other key is kept, so `state_from_torch` reports anything unexpected.
-    """
-    out = {}
-    for name, value in state_dict.items():
-        name = name.removeprefix("text_model.")
-        if name == "embeddings.position_ids":
-            continue
-        if name in out:
-            raise ValueError(f"state dict has {name!r} both with and without the 'text_model.' prefix")
-        out[name] = value
-    return out
-
-
-def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of `clip_state_dict_for_flax`: adds the `text_model.` prefix of hub folders' CLIPTextModel
-    weights, which every transformers version loads (transformers >= 5 itself saves the names without it)."""
-    return {f"text_model.{name}": value for name, value in state_dict.items()}
 
 
 def _layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:

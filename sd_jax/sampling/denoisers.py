@@ -1,7 +1,9 @@
 """Wrapping a U-Net into a denoiser `denoise(x, sigma) -> x0`, the one thing samplers see.
 
 The U-Net predicts epsilon or v on variance-preserving latents `x_t = x / sqrt(1 + sigma**2)` at an integer-scale
-timestep; samplers work in k-diffusion's `x = x0 + sigma * eps`. This file converts between the two.
+timestep; samplers work in k-diffusion's `x = x0 + sigma * eps`. This file converts between the two: a model into
+a denoiser, and for the twins of diffusers' variance-preserving schedulers (DDIM, PNDM), a denoised back into the
+model output they step with and a latent from one level's x_t to another's.
 """
 
 from __future__ import annotations
@@ -10,8 +12,16 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from sd_jax.sampling.schedules import PREDICTION_TYPES
+
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x_t (B,H,W,C), t scalar) -> eps or v
 Denoiser = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]  # (x (B,H,W,C), sigma scalar) -> x0
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    """Raises a one-line ValueError for a model output other than epsilon or v."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
 def sigma_to_timestep(sigma: jnp.ndarray, train_sigmas: jnp.ndarray) -> jnp.ndarray:
@@ -55,8 +65,7 @@ def vp_denoiser(
       prediction_type: "epsilon" or "v_prediction".
       sigmas, timesteps: optional schedule table (max_steps + 1,), (max_steps,): the exact timesteps of its sigmas.
     """
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    check_prediction_type(prediction_type)
 
     def denoise(x: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
         sigma = jnp.asarray(sigma, jnp.float32)
@@ -70,3 +79,28 @@ def vp_denoiser(
         return x / scale**2 - out * (sigma / scale)
 
     return denoise
+
+
+def model_output(x: jnp.ndarray, sigma: jnp.ndarray, x0: jnp.ndarray, prediction_type: str) -> jnp.ndarray:
+    """The model output behind a denoised `x0` of `x` at level sigma: eps = (x - x0) / sigma, or
+    v = (alpha^2 x - x0) / (sigma alpha) with alpha = 1 / sqrt(1 + sigma^2)."""
+    if prediction_type == "epsilon":
+        return (x - x0) / sigma
+    return (x / (1.0 + sigma**2) - x0) * jnp.sqrt(1.0 + sigma**2) / sigma
+
+
+def eps_of_model_output(x: jnp.ndarray, sigma: jnp.ndarray, out: jnp.ndarray, prediction_type: str) -> jnp.ndarray:
+    """The eps of a model output `out` (eps or v) for `x` at level sigma."""
+    if prediction_type == "epsilon":
+        return out
+    # eps = alpha v + sigma^vp x^vp, with alpha = 1 / sqrt(1 + sigma^2), x^vp = x / sqrt(1 + sigma^2).
+    return out / jnp.sqrt(1.0 + sigma**2) + sigma * x / (1.0 + sigma**2)
+
+
+def change_level(x: jnp.ndarray, sigma: jnp.ndarray, sigma_target: jnp.ndarray) -> jnp.ndarray:
+    """`x` at level sigma rescaled to level sigma_target with the same variance-preserving x_t.
+
+    A twin of a variance-preserving scheduler hands x_t from a step that ended at `sigma` to a step that starts at
+    `sigma_target` (usually the same level; not, e.g., for DDIM with linspace spacing).
+    """
+    return x * (jnp.sqrt(1.0 + sigma_target**2) / jnp.sqrt(1.0 + sigma**2))

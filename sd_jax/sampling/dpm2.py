@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
-from sd_jax.sampling.euler import SD_BETA_DEFAULTS, EulerState, ancestral_step, discrete_schedule
-from sd_jax.sampling.loop import StepHook
+from sd_jax.sampling.loop import DEFAULT_OPTIONS, LatentsState, Sampler, SamplerOptions
 
 
 def dpm2_schedule(
@@ -25,8 +24,13 @@ def dpm2_schedule(
 ) -> schedules.Schedule:
     """The per-step schedule of `KDPM2DiscreteScheduler.from_config(config)` (without its interleaved midpoints;
     its Karras timesteps are rounded)."""
-    return discrete_schedule(
-        config, num_steps, max_steps, schedule_type, twin_defaults=SD_BETA_DEFAULTS, round_karras_timesteps=True
+    return schedules.discrete_schedule(
+        config,
+        num_steps,
+        max_steps,
+        schedule_type,
+        twin_defaults=schedules.SD_BETA_DEFAULTS,
+        round_karras_timesteps=True,
     )
 
 
@@ -60,77 +64,54 @@ def sample_dpm2(
     denoise: Denoiser,
     x: jnp.ndarray,
     sigmas: jnp.ndarray,
-    *,
-    num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
-    python_loop: bool = False,
-    after_step: StepHook | None = None,
+    options: SamplerOptions = DEFAULT_OPTIONS,
 ) -> jnp.ndarray:
     """DPM2: two denoiser evaluations per step (one on the last step, which ends at 0).
 
-    Args:
-      denoise: `(x, sigma) -> x0`.
-      x: (B, H, W, C) starting latents at level sigmas[0].
-      sigmas: (max_steps + 1,) levels, padded past num_steps.
-      num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
-      keys: unused (deterministic).
-      python_loop: a plain Python loop for debugging.
-      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
-
-    Returns:
-      (B, H, W, C) float32 latents at level sigmas[num_steps].
+    Arguments as every sampler's (see `loop`); deterministic (keys are ignored).
     """
     del keys
 
-    def step(i, state: EulerState) -> EulerState:
+    def step(i, state: LatentsState) -> LatentsState:
         x, sigma = state.x, sigmas[i]
         derivative = (x - denoise(x, sigma)) / sigma
         return state.replace(x=_midpoint_step(denoise, x, derivative, sigma, sigmas[i + 1], sigmas[i + 1]))
 
-    num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
+    state = LatentsState(x=x.astype(jnp.float32))
+    return loop.run_steps(step, state, options.steps(sigmas), options).x
 
 
 def sample_dpm2_a(
     denoise: Denoiser,
     x: jnp.ndarray,
     sigmas: jnp.ndarray,
-    *,
-    num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
-    eta: jnp.ndarray | float = 1.0,
-    s_noise: jnp.ndarray | float = 1.0,
-    python_loop: bool = False,
-    after_step: StepHook | None = None,
+    options: SamplerOptions = DEFAULT_OPTIONS,
 ) -> jnp.ndarray:
-    """DPM2 ancestral: a DPM2 step to sigma_down, then fresh noise of std sigma_up (`euler.ancestral_step`).
+    """DPM2 ancestral: a DPM2 step to sigma_down, then fresh noise of std sigma_up (`schedules.ancestral_step`).
 
-    Args as `sample_dpm2`, and:
-      keys: (B,) per-image PRNG keys (required); step i draws `loop.image_noise(keys, i, ...)`.
-      eta: the share of the step's noise that is fresh (1 is the twin; 0 is deterministic).
-      s_noise: scales the fresh noise.
+    Arguments as every sampler's (see `loop`); keys are required (step i draws `loop.image_noise(keys, i, ...)`).
+    Reads options.eta_ancestral (1 is the twin; 0 is deterministic) and s_noise (scales the fresh noise).
     """
-    if keys is None:
-        raise ValueError("dpm2_a draws noise: pass keys (one PRNG key per image)")
-    eta = jnp.asarray(eta, jnp.float32)
-    s_noise = jnp.asarray(s_noise, jnp.float32)
+    loop.require_keys(keys, "dpm2_a")
+    eta = jnp.asarray(options.eta_ancestral, jnp.float32)
+    s_noise = jnp.asarray(options.s_noise, jnp.float32)
 
-    def step(i, state: EulerState) -> EulerState:
+    def step(i, state: LatentsState) -> LatentsState:
         x, sigma = state.x, sigmas[i]
-        sigma_up, sigma_down = ancestral_step(sigma, sigmas[i + 1], eta)
+        sigma_up, sigma_down = schedules.ancestral_step(sigma, sigmas[i + 1], eta)
         derivative = (x - denoise(x, sigma)) / sigma
         x = _midpoint_step(denoise, x, derivative, sigma, sigma_down, sigmas[i + 1])
         noise = loop.image_noise(keys, i, x.shape[1:])
         return state.replace(x=x + noise * (s_noise * sigma_up))
 
-    num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, EulerState(x=x.astype(jnp.float32)), num_steps, python_loop, after_step).x
+    state = LatentsState(x=x.astype(jnp.float32))
+    return loop.run_steps(step, state, options.steps(sigmas), options).x
 
 
-def samplers() -> list:
-    """This file's samplers, for the registry in samplers.py (imported here to avoid an import cycle)."""
-    from sd_jax.sampling.samplers import Sampler
-
+def samplers() -> list[Sampler]:
+    """This file's registry entries."""
     return [
         Sampler("dpm2", sample_dpm2, dpm2_schedule, 2, "KDPM2DiscreteScheduler"),
         Sampler("dpm2_a", sample_dpm2_a, dpm2_a_schedule, 2, "KDPM2AncestralDiscreteScheduler", stochastic=True),

@@ -16,8 +16,7 @@ from flax import struct
 
 from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
-from sd_jax.sampling.euler import discrete_schedule
-from sd_jax.sampling.loop import StepHook
+from sd_jax.sampling.loop import DEFAULT_OPTIONS, Sampler, SamplerOptions
 
 ORDER = 4
 # 2-point Gauss-Legendre on [-1, 1]: nodes +-1/sqrt(3), weights 1; exact for polynomials of degree <= 3.
@@ -28,7 +27,7 @@ def lms_schedule(
     config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
 ) -> schedules.Schedule:
     """The schedule of `LMSDiscreteScheduler.from_config(config)`."""
-    return discrete_schedule(config, num_steps, max_steps, schedule_type)
+    return schedules.discrete_schedule(config, num_steps, max_steps, schedule_type)
 
 
 def lms_coefficients(sigmas: jnp.ndarray, i, order: int = ORDER) -> jnp.ndarray:
@@ -70,25 +69,12 @@ def sample_lms(
     denoise: Denoiser,
     x: jnp.ndarray,
     sigmas: jnp.ndarray,
-    *,
-    num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
-    python_loop: bool = False,
-    after_step: StepHook | None = None,
+    options: SamplerOptions = DEFAULT_OPTIONS,
 ) -> jnp.ndarray:
     """Fourth-order linear multistep, one denoiser evaluation per step (lower order for the first three steps).
 
-    Args:
-      denoise: `(x, sigma) -> x0`.
-      x: (B, H, W, C) starting latents at level sigmas[0].
-      sigmas: (max_steps + 1,) levels, padded past num_steps.
-      num_steps: steps to take (may be traced); defaults to len(sigmas) - 1.
-      keys: unused (deterministic).
-      python_loop: a plain Python loop for debugging.
-      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
-
-    Returns:
-      (B, H, W, C) float32 latents at level sigmas[num_steps].
+    Arguments as every sampler's (see `loop`); deterministic (keys are ignored).
     """
     del keys
 
@@ -102,12 +88,9 @@ def sample_lms(
 
     x = x.astype(jnp.float32)
     state = LMSState(x=x, derivatives=jnp.zeros((ORDER, *x.shape), jnp.float32))
-    num_steps = sigmas.shape[0] - 1 if num_steps is None else num_steps
-    return loop.run_steps(step, state, num_steps, python_loop, after_step).x
+    return loop.run_steps(step, state, options.steps(sigmas), options).x
 
 
-def samplers() -> list:
-    """This file's samplers, for the registry in samplers.py (imported here to avoid an import cycle)."""
-    from sd_jax.sampling.samplers import Sampler
-
+def samplers() -> list[Sampler]:
+    """This file's registry entries."""
     return [Sampler("lms", sample_lms, lms_schedule, 1, "LMSDiscreteScheduler (order 4)")]

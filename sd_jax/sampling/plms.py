@@ -13,7 +13,7 @@ twin's call i. Only step 1 is special: it averages its output with step 0's and 
 its output is not kept in the history.
 
 The twin combines raw model outputs before turning them into eps, so for a v-prediction model it averages v, not
-eps; pass `prediction_type="v_prediction"` to do the same (CompVis' PLMS averages eps, the default here).
+eps; `SamplerOptions(prediction_type="v_prediction")` does the same (CompVis' PLMS averages eps, the default here).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sd_jax.sampling import schedules
-from sd_jax.sampling.denoisers import Denoiser
-from sd_jax.sampling.dpmpp import float32_train_sigmas
-from sd_jax.sampling.loop import StepHook, run_steps
+from sd_jax.sampling import loop, schedules
+from sd_jax.sampling.denoisers import Denoiser, change_level, check_prediction_type, eps_of_model_output, model_output
+from sd_jax.sampling.loop import DEFAULT_OPTIONS, Sampler, SamplerOptions
 
 # Adams-Bashforth weights (newest first) with 1, 2, 3 and 4 outputs in the history.
 _AB = np.array(
@@ -54,19 +53,17 @@ def plms_schedule(
     """
     s = schedules.scheduler_settings(config)
     n_train = s["num_train_timesteps"]
-    if not 1 <= num_steps <= n_train:
-        raise ValueError(f"steps must be between 1 and {n_train}, got {num_steps}")
+    schedules.check_steps(num_steps, n_train)
     n = num_steps
     calls = n + 1 if n > 1 else 1
     max_steps = max(max_steps or calls, calls)
-    train_sigmas = float32_train_sigmas(config)  # the twin's float32 alphas_cumprod
+    train_sigmas = schedules.train_sigmas(config, float32_cumprod=True)  # the twin's float32 alphas_cumprod
 
     def repeat_second(values):
         return np.concatenate([values[:2], values[1:]]) if n > 1 else values
 
     if schedule_type != "default":
-        spaced = {"karras": schedules.sigmas_karras, "exponential": schedules.sigmas_exponential}[schedule_type]
-        levels = spaced(n, train_sigmas[0], train_sigmas[-1])
+        levels = schedules.respaced_sigmas(schedule_type, n, train_sigmas[0], train_sigmas[-1])
         sigmas = repeat_second(levels)
         sigmas_next = np.concatenate([sigmas[1:], [0.0]])
         timesteps = schedules.timesteps_of_sigmas(sigmas, train_sigmas)
@@ -79,17 +76,8 @@ def plms_schedule(
             sigmas_next=sigmas_next,
         )
 
-    spacing = config.get("timestep_spacing", "leading")
     set_alpha_to_one = config.get("set_alpha_to_one", False)
-    if spacing == "linspace":
-        ascending = np.linspace(0, n_train - 1, n).round().astype(np.int64)
-    elif spacing == "leading":
-        ascending = (np.arange(n) * (n_train // n)).round().astype(np.int64) + s["steps_offset"]
-    elif spacing == "trailing":
-        ascending = np.round(np.arange(n_train, 0, -n_train / n))[::-1].astype(np.int64) - 1
-    else:
-        raise ValueError(f"timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
-    timesteps = repeat_second(ascending[::-1])
+    timesteps = repeat_second(schedules.spaced_timesteps(s["timestep_spacing"], n_train, n, s["steps_offset"]))
     targets = timesteps - n_train // n
     if n > 1:
         targets[1] = timesteps[1]  # the Heun-like second call lands on its own timestep
@@ -118,52 +106,25 @@ def sample_plms(
     denoise: Denoiser,
     x: jnp.ndarray,
     sigmas: jnp.ndarray,
-    *,
-    sigmas_next: jnp.ndarray | None = None,
-    num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
-    prediction_type: str = "epsilon",
-    python_loop: bool = False,
-    after_step: StepHook | None = None,
+    options: SamplerOptions = DEFAULT_OPTIONS,
 ) -> jnp.ndarray:
-    """PLMS from `x` (B, H, W, C) at sigmas[0] to sigmas[num_steps], one call per step (see the module docstring).
+    """PLMS, one denoiser call per step (see the module docstring); step i calls the denoiser at sigmas[i].
 
-    Args:
-      denoise: `(x, sigma) -> x0`.
-      x: starting latents, already scaled to sigmas[0].
-      sigmas: (max_steps + 1,) call levels; step i calls the denoiser at sigmas[i].
-      sigmas_next: (max_steps,) the level step i moves to; defaults to sigmas[1:].
-      num_steps: steps (= calls) to take, data (may be traced); defaults to len(sigmas) - 1.
-      keys: unused (deterministic).
-      prediction_type: the space the outputs are averaged in: "epsilon", or "v_prediction" as diffusers' twin
-        does for v-prediction models.
-      python_loop: plain Python loop for debugging.
-      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
+    Arguments as every sampler's (see `loop`); deterministic (keys are ignored). Reads options.num_steps (= calls),
+    sigmas_next (step i moves to sigmas_next[i], then hands its x_t to sigmas[i + 1]), prediction_type (the space
+    the outputs are averaged in: "epsilon", or "v_prediction" as diffusers' twin does for v-prediction models),
+    python_loop and after_step.
     """
     del keys
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    if sigmas_next is None:
-        sigmas_next = sigmas[1:]
-    if num_steps is None:
-        num_steps = sigmas.shape[0] - 1
+    prediction_type = options.prediction_type
+    check_prediction_type(prediction_type)
+    sigmas_next = options.next_sigmas(sigmas)
     weights = jnp.asarray(_AB)
-
-    def to_output(x, sigma, x0):
-        """The model output behind a denoised: eps, or v = (alpha^2 x - x0) / (sigma alpha) on x = x0 + sigma eps."""
-        if prediction_type == "epsilon":
-            return (x - x0) / sigma
-        return (x / (1.0 + sigma**2) - x0) * jnp.sqrt(1.0 + sigma**2) / sigma
-
-    def to_eps(x, sigma, out):
-        if prediction_type == "epsilon":
-            return out
-        # eps = alpha v + sigma^vp x^vp, with alpha = 1 / sqrt(1 + sigma^2), x^vp = x / sqrt(1 + sigma^2).
-        return out / jnp.sqrt(1.0 + sigma**2) + sigma * x / (1.0 + sigma**2)
 
     def step(i, state: PLMSState) -> PLMSState:
         sigma = sigmas[i]
-        out = to_output(state.x, sigma, denoise(state.x, sigma))
+        out = model_output(state.x, sigma, denoise(state.x, sigma), prediction_type)
         restart = i == 1
         pushed = jnp.concatenate([out[None], state.outputs[:-1]])
         outputs = jnp.where(restart, state.outputs, pushed)
@@ -174,19 +135,15 @@ def sample_plms(
         start = jnp.where(restart, state.first_x, state.x)
         sigma_start = jnp.where(restart, sigmas[0], sigma)
         sigma_to = sigmas_next[i]
-        eps = to_eps(start, sigma_start, combined)
+        eps = eps_of_model_output(start, sigma_start, combined, prediction_type)
         x = start + (sigma_to - sigma_start) * eps
-        # Hand the next call the same x^vp at its own level (usually sigma_to itself).
-        x = x * (jnp.sqrt(1.0 + sigmas[i + 1] ** 2) / jnp.sqrt(1.0 + sigma_to**2))
-        return state.replace(x=x, outputs=outputs, count=count)
+        return state.replace(x=change_level(x, sigma_to, sigmas[i + 1]), outputs=outputs, count=count)
 
     x = x.astype(jnp.float32)
     state = PLMSState(x=x, first_x=x, outputs=jnp.zeros((4,) + x.shape, jnp.float32), count=jnp.zeros((), jnp.int32))
-    return run_steps(step, state, num_steps, python_loop, after_step).x
+    return loop.run_steps(step, state, options.steps(sigmas), options).x
 
 
-def samplers() -> list:
-    """The registry entries of this file."""
-    from sd_jax.sampling.samplers import Sampler
-
+def samplers() -> list[Sampler]:
+    """This file's registry entries."""
     return [Sampler("plms", sample_plms, plms_schedule, 1, "PNDMScheduler(skip_prk_steps=True)")]

@@ -1,57 +1,17 @@
 """The sampler registry: each name with its schedule, its loop, its cost per step and its diffusers twin.
 
-A sampler is a pure function
-`sample(denoise, x, sigmas, *, num_steps, keys=None, python_loop=False, after_step=None, **options)`
-over a denoiser `denoise(x, sigma) -> x0`. `sigmas` is padded to a fixed length and `num_steps` may be traced, so the
-step count is data. `keys` (B,) are per-image PRNG keys for the samplers that draw noise.
+Every sampler has the signature of `loop` (`sample(denoise, x, sigmas, keys=None, options=...)`) over a denoiser
+`denoise(x, sigma) -> x0`; its family file (ddim, plms, euler, lms, dpm2, dpmpp, unipc) lists its entries, and this
+file collects them in the order of `--list_samplers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from sd_jax.sampling import schedules
-from sd_jax.sampling.ddim import sample_ddim
-
-SCHEDULE_TYPES = ("default", "karras", "exponential")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """A registered sampler.
-
-    Attributes:
-      name: the `sampler=` value.
-      sample: the loop (see the module docstring).
-      make_schedule: `(scheduler_config, steps, max_steps, schedule_type) -> Schedule`, as the twin computes it.
-      calls_per_step: denoiser (U-Net) evaluations per step.
-      twin: the diffusers scheduler it matches (with its settings), or what it is compared with.
-      stochastic: draws noise (needs keys).
-      uses_eta: takes the pipeline's `eta` (DDIM's). Ancestral and SDE samplers keep their own full noise
-        (eta 1, as their twins and AUTOMATIC1111 default to).
-    """
-
-    name: str
-    sample: Callable
-    make_schedule: Callable[[Mapping, int, int, str], schedules.Schedule]
-    calls_per_step: int
-    twin: str
-    stochastic: bool = False
-    uses_eta: bool = False
-
-
-SAMPLERS: dict[str, Sampler] = {}
-
-
-def register(sampler: Sampler) -> Sampler:
-    SAMPLERS[sampler.name] = sampler
-    return sampler
-
-
-register(Sampler("ddim", sample_ddim, schedules.ddim_schedule, 1, "DDIMScheduler", stochastic=True, uses_eta=True))
-
+from sd_jax.sampling import ddim, dpm2, dpmpp, euler, lms, plms, schedules, unipc
+from sd_jax.sampling.loop import Sampler, SamplerOptions
+from sd_jax.sampling.schedules import SCHEDULE_TYPES
 
 # The order of `--list_samplers`.
 ORDER = (
@@ -70,17 +30,10 @@ ORDER = (
     "unipc",
 )
 
-
-def _register_families() -> None:
-    from sd_jax.sampling import dpm2, dpmpp, euler, lms, plms, unipc
-
-    found = {s.name: s for module in (plms, euler, lms, dpm2, dpmpp, unipc) for s in module.samplers()}
-    for name in ORDER:
-        if name in found:
-            register(found[name])
-
-
-_register_families()
+_ENTRIES = {entry.name: entry for family in (ddim, plms, euler, lms, dpm2, dpmpp, unipc) for entry in family.samplers()}
+if set(_ENTRIES) != set(ORDER):
+    raise ImportError(f"sampler entries {sorted(_ENTRIES)} differ from ORDER {sorted(ORDER)}")
+SAMPLERS: dict[str, Sampler] = {name: _ENTRIES[name] for name in ORDER}
 
 
 def check(sampler: str, schedule: str) -> None:
@@ -99,17 +52,10 @@ def schedule(sampler: str, schedule_type: str, scheduler_config: Mapping, steps:
     return SAMPLERS[sampler].make_schedule(scheduler_config, steps, max_steps, schedule_type)
 
 
-# Options a sampler may not silently ignore when given (the others are extras that only some samplers use).
-_REQUIRED_OPTIONS = ("after_step",)
+def run(sampler: str, denoise, x, sigmas, keys=None, **options):
+    """Runs a registered sampler's loop (inside the caller's jit).
 
-
-def run(sampler: str, denoise, x, **kwargs):
-    """Runs a registered sampler's loop (inside the caller's jit), passing only the options it takes."""
-    spec = SAMPLERS[sampler]
-    if not spec.uses_eta:
-        kwargs.pop("eta", None)
-    accepted = inspect.signature(spec.sample).parameters
-    dropped = [k for k, v in kwargs.items() if k not in accepted and k in _REQUIRED_OPTIONS and v is not None]
-    if dropped:
-        raise TypeError(f"sampler {sampler!r} does not take {', '.join(dropped)}")
-    return spec.sample(denoise, x, **{k: v for k, v in kwargs.items() if k in accepted})
+    `options` are `SamplerOptions` fields; every sampler takes the same ones and reads those it uses (the
+    pipeline's `eta` is DDIM's; the ancestral and SDE samplers keep their own `eta_ancestral`, 1 by default).
+    """
+    return SAMPLERS[sampler].sample(denoise, x, sigmas, keys, SamplerOptions(**options))

@@ -15,17 +15,16 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 from flax import struct
 
-from sd_jax.sampling import schedules
+from sd_jax.sampling import loop, schedules
 from sd_jax.sampling.denoisers import Denoiser
-from sd_jax.sampling.dpmpp import multistep_schedule
-from sd_jax.sampling.loop import StepHook, run_steps
+from sd_jax.sampling.loop import DEFAULT_OPTIONS, Sampler, SamplerOptions
 
 
 def unipc_schedule(
     config: Mapping, num_steps: int, max_steps: int | None = None, schedule_type: str = "default"
 ) -> schedules.Schedule:
     """The schedule of `UniPCMultistepScheduler.from_config(config)` after `set_timesteps(num_steps)`."""
-    return multistep_schedule(config, num_steps, max_steps, schedule_type, twin="unipc")
+    return schedules.multistep_schedule(config, num_steps, max_steps, schedule_type, twin="unipc")
 
 
 @struct.dataclass
@@ -48,27 +47,15 @@ def sample_unipc(
     denoise: Denoiser,
     x: jnp.ndarray,
     sigmas: jnp.ndarray,
-    *,
-    num_steps: jnp.ndarray | int | None = None,
     keys: jnp.ndarray | None = None,
-    python_loop: bool = False,
-    after_step: StepHook | None = None,
+    options: SamplerOptions = DEFAULT_OPTIONS,
 ) -> jnp.ndarray:
-    """UniPC-2 (bh2) from `x` (B, H, W, C) at sigmas[0] to sigmas[num_steps], 1 call per step.
+    """UniPC-2 (bh2), one call per step; the last level used may be 0.
 
-    Args:
-      denoise: `(x, sigma) -> x0`.
-      x: starting latents, already scaled to sigmas[0].
-      sigmas: (max_steps + 1,) levels, padded past num_steps; the last used one may be 0.
-      num_steps: steps to take (data: may be traced); defaults to len(sigmas) - 1.
-      keys: unused (deterministic).
-      python_loop: plain Python loop for debugging.
-      after_step: `(i, x) -> x` applied after each step (see `loop.run_steps`).
+    Arguments as every sampler's (see `loop`); deterministic (keys are ignored).
     """
     del keys
-    if num_steps is None:
-        num_steps = sigmas.shape[0] - 1
-    num_steps = jnp.asarray(num_steps, jnp.int32)
+    num_steps = jnp.asarray(options.steps(sigmas), jnp.int32)
     log_sigmas = jnp.log(jnp.maximum(sigmas, 1e-30))  # the level 0 only ever appears as a predictor's target
 
     def step(i, state: UniPCState) -> UniPCState:
@@ -108,13 +95,11 @@ def sample_unipc(
     x = x.astype(jnp.float32)
     zeros = jnp.zeros_like(x)
     state = UniPCState(x=x, x_last=x, denoised_1=zeros, denoised_2=zeros)
-    return run_steps(step, state, num_steps, python_loop, after_step).x
+    return loop.run_steps(step, state, num_steps, options).x
 
 
-def samplers() -> list:
-    """The registry entries of this file."""
-    from sd_jax.sampling.samplers import Sampler
-
+def samplers() -> list[Sampler]:
+    """This file's registry entries."""
     return [
         Sampler(
             "unipc",
