@@ -27,7 +27,7 @@ python scripts/train.py --model="$runs/shapes64_vae/model" --component=vae --vae
 # 3. The U-Net and the text encoder on cached latents, with 10% empty captions for classifier-free guidance.
 python scripts/train.py --model="$runs/shapes64_vae_decoder/model" --train_text_encoder --data="$data" \
   --output_dir="$runs/shapes64_unet" --resolution=64 --random_flip --cache_latents --caption_dropout=0.1 \
-  --batch_size=16 --max_steps=12000 --learning_rate=3e-4 --warmup_steps=200 --lr_schedule=constant \
+  --batch_size=16 --max_steps=15000 --learning_rate=3e-4 --warmup_steps=200 --lr_schedule=constant \
   --ema_decay=0.999 --snr_gamma=5 --save_every=250 --log_every=50 --seed=0
 
 # 4. Into the package, as float16 (15 MB).
