@@ -89,8 +89,6 @@ def define_script_flags(mode: str, *, size_default: str = "the model's native si
 
 
 _IMAGE_ROLES = {"img2img": "start from", "inpaint": "repaint", "outpaint": "extend", "upscale": "upscale"}
-# What a PNG's JSON chunk holds besides the settings.
-PNG_EXTRAS = ("model", "dtype", "model_hash", "model_name", "version")
 
 
 def main(mode: str, flags_) -> None:

@@ -27,9 +27,8 @@ from sd_jax.models import abstract_components
 from sd_jax.prompts import tokenize_weighted, weighted_mean_restore
 from sd_jax.sampling import samplers, schedules
 from sd_jax.sampling.schedules import scheduler_settings
-from sd_jax.settings import signature
+from sd_jax.settings import MAX_SEED, check_strength, signature
 
-MAX_SEED = 2**32 - 1  # PRNG seeds are 32-bit (as AUTOMATIC1111's); larger ones would alias
 ImageInput = Image.Image | str | os.PathLike
 log = logging.getLogger("sd_jax")
 
@@ -702,12 +701,6 @@ class StableDiffusionPipeline:
         if start.masked is not None:
             inputs["masked"] = np.broadcast_to(start.masked, (total,) + start.masked.shape).astype(np.float32)
         return inputs
-
-
-def check_strength(strength: float) -> None:
-    """Raises a one-line ValueError unless 0 <= strength <= 1."""
-    if not isinstance(strength, (int, float, np.floating)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
 
 
 def _image_keys(seed: int, count: int) -> jnp.ndarray:

@@ -21,12 +21,13 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from sd_jax.editing import FILLS
+
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")
 IMAGE_MODES = MODES[1:]  # modes that start from an image: strength applies
 MASK_MODES = ("inpaint", "outpaint")
 MAX_SEED = 2**32 - 1  # PRNG seeds are 32-bit (as AUTOMATIC1111's); larger ones would alias
 SIZE_MULTIPLE = 8  # Stable Diffusion's VAE: pixels per latent
-FILLS = ("original", "noise", "latent_noise", "latent_nothing")
 # strength=None means the mode's default; outpaint's depends on the model (`resolved_strength`).
 STRENGTH_DEFAULTS = {"img2img": 0.75, "inpaint": 1.0, "upscale": 0.35}
 _MARGINS = ("left", "right", "top", "bottom")
