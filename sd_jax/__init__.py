@@ -6,6 +6,7 @@ shapes = sd_jax.load().txt2img("a red circle on a blue background", steps=20)   
 """
 
 from sd_jax.loading import LoadError, load
+from sd_jax.settings import GenerationSettings
 
-__all__ = ["load", "LoadError"]
+__all__ = ["load", "LoadError", "GenerationSettings"]
 __version__ = "0.1.0"

@@ -195,7 +195,6 @@ def run_script(mode: str, flags_) -> list[str]:
     from sd_jax import settings as settings_lib
     from sd_jax.images import save_generated
     from sd_jax.loading import load
-    from sd_jax.sampling.schedules import scheduler_settings
 
     settings = run_or_exit(settings_lib.from_flags, mode, flags_)
     run = {"model": flags_.model, "dtype": flags_.dtype}
@@ -216,47 +215,17 @@ def run_script(mode: str, flags_) -> list[str]:
     run_or_exit(check_inputs, settings, inputs)
     _announce(run["model"])
     pipe = run_or_exit(load, run["model"], run["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
-    options = {k: v for k, v in settings.options().items() if k != "prompt" and not (k == "strength" and v is None)}
     bar = _ProgressBar()
     try:
-        images = run_or_exit(getattr(pipe, mode), settings.prompt, **inputs, progress=bar, **options)
+        images = run_or_exit(pipe.generate, settings, inputs.get("image"), inputs.get("mask"), progress=bar)
     finally:
         bar.close()
 
-    stored = dict(
-        settings.to_json(),
-        strength=settings.resolved_strength(pipe.config.is_inpainting),
-        model=run["model"],
-        dtype=run["dtype"],
-        model_hash=infotext.model_hash(pipe.source),
-        model_name=Path(pipe.source).stem if pipe.source else pipe.config.name,
-        version=_version(),
-    )
-    if mode == "txt2img":
-        stored.pop("strength")
-    spacing = scheduler_settings(pipe.config.scheduler)["timestep_spacing"]
     seeds = [settings.seed + i for i in range(len(images))]  # one prompt: image i has seed + i
-    texts = []
-    for image, seed in zip(images, seeds, strict=True):
-        one = {**stored, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
-        texts.append(
-            {
-                infotext.PARAMETERS_KEY: infotext.format_infotext(one, spacing),
-                infotext.SETTINGS_KEY: json.dumps(one, sort_keys=True),
-            }
-        )
+    texts = infotext.image_texts(pipe, settings, images, seeds, model=run["model"], dtype=run["dtype"])
     return run_or_exit(
         save_generated, images, flags_.output_dir, seeds, texts, family=pipe.config.family, watermark=flags_.watermark
     )
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sd_jax")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def list_samplers() -> str:
@@ -268,3 +237,98 @@ def list_samplers() -> str:
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}" for r in rows]
     return "\n".join(lines + ["", f"schedules: {', '.join(SCHEDULE_TYPES)}"])
+
+
+def define_batch_flags() -> None:
+    """scripts/generate_batch.py's flags: the prompts file, a flag per `GenerationSettings` field (the defaults of
+    every line), the model and output flags, the input images of lines that give none, and multi-host."""
+    from absl import flags
+
+    from sd_jax import settings
+
+    settings.define_flags(None, size_default="the model's native size, or the init image's")
+    flags.DEFINE_string("prompts_file", None, "One prompt a line, or JSONL: one GenerationSettings object a line.")
+    flags.DEFINE_enum("mode", "txt2img", list(settings.MODES), "The mode of lines that name none.")
+    flags.DEFINE_string("output_dir", None, "Where the PNGs and the manifest go; rerun the command to resume.")
+    flags.DEFINE_string("model", None, "As the generation scripts' --model (default: the shipped shapes64 model).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter and compute dtype.")
+    flags.DEFINE_string("model_type", "auto", "Single files: sd15, sd15_inpainting, sd21_base, sd21_768_v, ...")
+    flags.DEFINE_string("bpe_vocab", None, "Single files / random:PRESET: CLIP's bpe_simple_vocab_16e6.txt.gz.")
+    flags.DEFINE_string("init_image", None, "The input image of editing lines that give none.")
+    flags.DEFINE_string("mask", None, "The mask of inpaint lines that give none.")
+    flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
+    flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: one per device and micro-batch).")
+    flags.DEFINE_integer("micro_batch", 1, "Images per U-Net call on each device (images differ between settings).")
+    flags.DEFINE_string(
+        "coordinator_address", None, "Multi-host: host:port of process 0 (JAX auto-detects on TPU, SLURM)."
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def batch_main(flags_) -> None:
+    """scripts/generate_batch.py: read and check the prompts file, join the hosts, load, make the missing images."""
+    import dataclasses
+
+    from sd_jax import batch, batch_files, watermark
+    from sd_jax import settings as settings_lib
+    from sd_jax.loading import load
+    from sd_jax.parallel import batch_mesh, initialize_distributed
+    from sd_jax.settings import GenerationSettings
+
+    quiet_logs()
+    if not flags_.prompts_file or not flags_.output_dir:
+        fail("--prompts_file and --output_dir are required")
+    names = [f.name for f in dataclasses.fields(GenerationSettings) if f.name != "mode"]
+    defaults = {name: flags_[name].value for name in names}
+    run_or_exit(settings_lib.check_values, defaults)  # a bad flag spoils every line: an error before anything runs
+    if Path(flags_.output_dir).exists() and not Path(flags_.output_dir).is_dir():
+        fail(f"--output_dir {flags_.output_dir} is a file, not a folder")
+    requests, bad_lines = run_or_exit(
+        batch_files.read_prompts_file,
+        flags_.prompts_file,
+        defaults,
+        default_mode=flags_.mode,
+        init_image=flags_.init_image,
+        mask=flags_.mask,
+    )
+    if flags_.watermark:
+        run_or_exit(watermark.check_available)
+    if flags_.micro_batch < 1:
+        fail(f"--micro_batch must be a positive integer, got {flags_.micro_batch}")
+    run_or_exit(initialize_distributed, flags_.coordinator_address, flags_.num_processes, flags_.process_id)
+    import jax
+
+    _announce(flags_.model)
+    pipe = run_or_exit(
+        load,
+        flags_.model,
+        flags_.dtype,
+        model_type=flags_.model_type,
+        bpe_vocab=flags_.bpe_vocab,
+        mesh=batch_mesh(jax.local_devices()),  # each process works alone on its own devices
+        micro_batch=flags_.micro_batch,
+    )
+    process, count = jax.process_index(), jax.process_count()
+    if process == 0:
+        for bad in bad_lines:
+            print(f"warning: skipped {bad.error}", file=sys.stderr)
+    summary = run_or_exit(
+        batch.run_job,
+        pipe,
+        requests,
+        flags_.output_dir,
+        bad_lines=bad_lines,
+        model=flags_.model,
+        dtype=flags_.dtype,
+        process_id=process,
+        num_processes=count,
+        batch_size=flags_.batch_size,
+        watermark=flags_.watermark,
+        show_progress=process == 0,
+    )
+    prefix = f"process {process} of {count}: " if count > 1 else ""
+    print(prefix + summary.line(), file=sys.stderr)
+    if summary.failed:
+        print(f"error: {summary.failed} images or lines failed: see the manifest's error fields", file=sys.stderr)
+        sys.exit(1)

@@ -106,15 +106,48 @@ def save_generated(
     """
     from sd_jax import watermark as marks
 
-    payloads = {"sd1": marks.PAYLOAD_SD1, "sd2": marks.PAYLOAD_SD2}
-    if family not in payloads:
-        raise ValueError(f"model family must be one of {', '.join(payloads)}, got {family!r}")
+    if family not in marks.PAYLOADS:
+        raise ValueError(f"model family must be one of {', '.join(marks.PAYLOADS)}, got {family!r}")
     payload = None
     if watermark:
-        payload = payloads[family]
+        payload = marks.PAYLOADS[family]
         if not all(marks.watermark_fits(image) for image in images):
             log(f"note: images under {marks.MIN_SIZE} pixels a side carry no watermark")
     return save_pngs(images, folder, seeds, texts=texts, watermark=payload)
+
+
+def save_png_as(
+    image: Image.Image,
+    path: str | os.PathLike,
+    texts: Mapping[str, str] | None = None,
+    *,
+    watermark: bytes | None = None,
+    temporary: str | None = None,
+) -> Path:
+    """Saves one image at exactly `path` (replacing what is there), written under a temporary name in the same
+    folder and renamed, so that `path` never holds a partial file: a kill leaves the old file or none.
+
+    Args:
+      texts: PNG text chunks; watermark: a payload to embed (`sd_jax.watermark`) when the image can carry one.
+      temporary: the temporary file's name (default: a hidden name next to `path`).
+    """
+    path = Path(path)
+    if watermark is not None:
+        from sd_jax.watermark import add_watermark, watermark_fits
+
+        if watermark_fits(image):
+            image = add_watermark(image, watermark)
+    tmp = path.parent / (temporary or f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(texts or {}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def read_png_texts(path: str | os.PathLike) -> dict[str, str]:

@@ -336,3 +336,42 @@ def model_hash(path: str | os.PathLike | None) -> str | None:
             while block := f.read(_BLOCK):
                 digest.update(block)
     return digest.hexdigest()[:10]
+
+
+def image_texts(pipe, settings, images, seeds, *, model: str | None, dtype: str) -> list[dict[str, str]]:
+    """The PNG text chunks of a request's generated images: AUTOMATIC1111's `parameters` and sd_jax's settings JSON.
+
+    Each image's record is the request's settings with its own seed and size and one image, plus what made it: the
+    resolved strength, the model (as given, its hash and name), the dtype and sd_jax's version.
+
+    Args:
+      pipe: the pipeline that made them (its config, scheduler and weight source).
+      settings: the request's `GenerationSettings`.
+      images: the PIL images; seeds: each image's seed.
+      model, dtype: the model and dtype as the user gave them (what `--from_png` loads again).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sd_jax.sampling.schedules import scheduler_settings
+
+    try:
+        sd_jax_version = version("sd_jax")
+    except PackageNotFoundError:
+        sd_jax_version = "unknown"
+    stored = dict(
+        settings.to_json(),
+        strength=settings.resolved_strength(pipe.config.is_inpainting),
+        model=model,
+        dtype=dtype,
+        model_hash=model_hash(pipe.source),
+        model_name=Path(pipe.source).stem if pipe.source else pipe.config.name,
+        version=sd_jax_version,
+    )
+    if settings.mode == "txt2img":
+        stored.pop("strength")
+    spacing = scheduler_settings(pipe.config.scheduler)["timestep_spacing"]
+    texts = []
+    for image, seed in zip(images, seeds, strict=True):
+        one = {**stored, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
+        texts.append({PARAMETERS_KEY: format_infotext(one, spacing), SETTINGS_KEY: json.dumps(one, sort_keys=True)})
+    return texts

@@ -1,9 +1,13 @@
 """The pipeline: txt2img, img2img, inpainting, outpainting and upscaling, wiring the parts together.
 
-text -> tokens -> embeddings -> (sampler loop over the U-Net, one jit: `sd_jax.generation`) -> latents -> VAE
--> pixels; an input image enters as VAE latents, a mask as a latent mask. The batch is sharded over every device of
-the mesh; weights are replicated. Image i of a call is a pure function of its prompt, its inputs, the settings and
-seed + i, whatever the batch size or device count.
+settings -> prompts (`sd_jax.conditioning`) -> the mode's start (`sd_jax.starts`) -> per-image keys and noise ->
+one compiled call (`sd_jax.generation`) -> pixels -> the mode's finish (paste-back). The batch is sharded over every
+device of the mesh; weights are replicated. Image i of a request is a pure function of its prompt, its inputs, the
+settings and seed + i, whatever the batch size, the device count or the other requests sharing its call.
+
+    pipe = sd_jax.load()
+    images = pipe.txt2img("a red circle on a blue background", steps=20)
+    images = pipe.generate(GenerationSettings(prompt="a blue square", steps=20))
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -21,20 +24,15 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from sd_jax import editing, generation, parallel, tiling
+from sd_jax import editing, generation, parallel, starts, tiling
+from sd_jax.conditioning import PromptEncoder
 from sd_jax.config import ModelConfig
 from sd_jax.models import abstract_components
-from sd_jax.prompts import tokenize_weighted, weighted_mean_restore
 from sd_jax.sampling import samplers, schedules
 from sd_jax.sampling.schedules import scheduler_settings
-from sd_jax.settings import MAX_SEED, check_strength, signature
+from sd_jax.settings import GenerationSettings, signature
 
 ImageInput = Image.Image | str | os.PathLike
-log = logging.getLogger("sd_jax")
-
-
-def _text_embeddings(graphdef, state, input_ids, *, clip_skip: int):
-    return nnx.merge(graphdef, state)(input_ids, clip_skip=clip_skip)
 
 
 def _vae_encode_mean(graphdef, state, images):
@@ -46,22 +44,21 @@ def _vae_decode(graphdef, state, latents):
 
 
 @dataclasses.dataclass(frozen=True)
-class Start:
-    """What an editing call starts from besides noise (one image, host arrays, NHWC).
+class Prepared:
+    """A request ready for the compiled program: its images' arrays, the program they need, and its finish.
 
-    Attributes:
-      init: (h, w, C) the image's latents, scaled as the U-Net sees them.
-      strength: how much of the schedule runs (diffusers' img2img strength): 1 starts from pure noise.
-      mask: (h, w, 1) latent mask, 1 = repaint (inpainting only).
-      masked: (h, w, C) latents of the image with the repainted area blanked (9-channel inpainting models).
-      fill: what the repainted area starts from in latent space: "latent_noise", "latent_nothing" or as is.
+    Requests whose `group_key`s agree can share one call: `generation.concatenate` their batches, `sample` once,
+    and hand each request's rows of the pixels to its own `finish`.
     """
 
-    init: np.ndarray
-    strength: float
-    mask: np.ndarray | None = None
-    masked: np.ndarray | None = None
-    fill: str = "original"
+    settings: GenerationSettings
+    batch: generation.Batch
+    static: generation.StaticSettings
+    finish: Callable[[np.ndarray], list[Image.Image]]
+
+    @property
+    def group_key(self) -> tuple:
+        return self.static, self.batch.shape_key
 
 
 _P = inspect.Parameter
@@ -96,22 +93,24 @@ class StableDiffusionPipeline:
         self.dtype = dtype
         self.source = source
         self.mesh = mesh if mesh is not None else parallel.batch_mesh()
-        graphs = abstract_components(config, dtype)
-        self._graphs = {name: graph for name, (graph, _) in graphs.items()}
-        replicated = parallel.replicated(self.mesh)
-        self.states = {name: jax.device_put(state, replicated) for name, state in states.items()}
+        graphs = {name: graph for name, (graph, _) in abstract_components(config, dtype).items()}
+        self.prompts = PromptEncoder(graphs["text_encoder"], None, tokenizer, config.text_encoder, dtype)
+        self.states = states
         self._scheduler = scheduler_settings(config.scheduler)
-        self._progress = None
-        self._encode = jax.jit(
-            functools.partial(_text_embeddings, self._graphs["text_encoder"]), static_argnames=("clip_skip",)
-        )
-        self._emphasis = jax.jit(weighted_mean_restore)
-        self._encode_image = jax.jit(functools.partial(_vae_encode_mean, self._graphs["vae"]))
-        self._decode_latents = jax.jit(functools.partial(_vae_decode, self._graphs["vae"]))
-        self._generate = jax.jit(
-            functools.partial(generation.generate, self.mesh, {k: self._graphs[k] for k in ("unet", "vae")}),
-            static_argnames=("static",),
-        )
+        self._encode_image = jax.jit(functools.partial(_vae_encode_mean, graphs["vae"]))
+        self._decode_latents = jax.jit(functools.partial(_vae_decode, graphs["vae"]))
+        self.program = generation.Program(self.mesh, {k: graphs[k] for k in ("unet", "vae")})
+
+    @property
+    def states(self) -> dict:
+        """The components' weights ("text_encoder", "unet", "vae"), replicated over the mesh."""
+        return self._states
+
+    @states.setter
+    def states(self, states: dict) -> None:
+        replicated = parallel.replicated(self.mesh)
+        self._states = {name: jax.device_put(state, replicated) for name, state in states.items()}
+        self.prompts.state = self._states["text_encoder"]
 
     @property
     def latent_factor(self) -> int:
@@ -124,74 +123,14 @@ class StableDiffusionPipeline:
         default image size."""
         return int(self.config.unet.sample_size or 64) * self.latent_factor
 
-    def _on_step(self, sigma) -> None:
-        """Host callback from the running loop: reports the step whose level is `sigma` (once per device)."""
-        if self._progress is None:
-            return
-        report, sigmas, steps = self._progress
-        hits = np.nonzero(sigmas == np.float32(sigma))[0]
-        if len(hits):
-            report(min(int(hits[0]) + 1, steps), steps)
-
+    # -- the parts ------------------------------------------------------------------------------------------------
     def encode_prompt(self, text: str, *, clip_skip: int = 1) -> np.ndarray:
-        """The weighted text embeddings of one prompt, (n_chunks * 77, D) float32.
+        """The weighted text embeddings of one prompt, (n_chunks * 77, D) float32 (see `sd_jax.conditioning`).
 
-        AUTOMATIC1111's prompt syntax (`sd_jax.prompts`): emphasis `(word:1.3)`, `BREAK`, and prompts of any length
-        in chunks of 75 tokens, each encoded on its own, weighted with the mean restored, and concatenated.
         clip_skip: 1 uses the text encoder's last layer, 2 the penultimate (then the final layer norm), ...
         """
-        return np.asarray(self._prompt_chunks(text, clip_skip), np.float32).reshape(-1, self._text_width)
-
-    @property
-    def _text_width(self) -> int:
-        return self.config.text_encoder.hidden_size
-
-    def _prompt_chunks(self, text: str, clip_skip: int) -> jnp.ndarray:
-        """(n_chunks, 77, D) weighted chunk embeddings of a prompt, in the pipeline's dtype.
-
-        Every chunk is encoded alone (batch 1): an embedding must not depend on which other prompts share a call.
-        The text encoder checks `clip_skip` (a one-line ValueError).
-        """
-        length = self.config.text_encoder.max_position_embeddings
-        ids, weights = tokenize_weighted(self.tokenizer, text, chunk_length=length - 2)
-        state = self.states["text_encoder"]
-        chunks = jnp.concatenate(
-            [self._encode(state, jnp.asarray(ids[i : i + 1]), clip_skip=clip_skip) for i in range(len(ids))]
-        )
-        if np.all(weights == 1.0):
-            return chunks
-        return self._emphasis(chunks, jnp.asarray(weights))
-
-    def _contexts(self, positives: Sequence[str], negatives: Sequence[str], clip_skip: int):
-        """Per-image [negative, positive] embeddings (n, 2, L, D) and, when padded, the token mask (n, 2, L).
-
-        A prompt and its negative are padded to the same number of chunks with the empty prompt's chunk, as
-        AUTOMATIC1111 does. All images of a call are then padded to one bucket of 1, 2, 4, 8, ... chunks with
-        masked tokens, which cross-attention ignores exactly: a longer prompt compiles anew only when it crosses a
-        power of two.
-        """
-        cache: dict[str, jnp.ndarray] = {}
-
-        def chunks(text: str) -> jnp.ndarray:
-            if text not in cache:
-                cache[text] = self._prompt_chunks(text, clip_skip)
-            return cache[text]
-
-        pairs = []
-        for positive, negative in zip(positives, negatives, strict=True):
-            pos, neg = chunks(positive), chunks(negative)
-            n = max(len(pos), len(neg))
-            pos, neg = (jnp.concatenate([c] + [chunks("")] * (n - len(c))) for c in (pos, neg))
-            pairs.append(jnp.stack([neg, pos]))
-        counts = [len(p[0]) for p in pairs]
-        bucket = 1 << (max(counts) - 1).bit_length()
-        length = pairs[0].shape[2]
-        contexts = np.zeros((len(pairs), 2, bucket * length, self._text_width), jnp.dtype(self.dtype))
-        mask = np.zeros((len(pairs), 2, bucket * length), bool)
-        for i, pair in enumerate(pairs):
-            contexts[i, :, : counts[i] * length] = np.asarray(pair).reshape(2, -1, self._text_width)
-            mask[i, :, : counts[i] * length] = True
-        return contexts, (None if bucket == 1 else mask)
+        chunks = self.prompts.chunks(text, clip_skip)
+        return np.asarray(chunks, np.float32).reshape(-1, self.config.text_encoder.hidden_size)
 
     def encode_image(self, image: np.ndarray, *, tile: bool | None = None) -> np.ndarray:
         """VAE latents (h, w, C), scaled as the U-Net sees them, of an image (H, W, 3) uint8.
@@ -199,15 +138,14 @@ class StableDiffusionPipeline:
         The latent distribution's mean is used (deterministic). Images over a megapixel are encoded in
         overlapping tiles (`sd_jax.tiling`) unless `tile` says otherwise.
         """
-        return self._encode_pixels(editing.to_model_range(np.asarray(image)), tile=tile)
+        return self._encode_pixels(editing.to_model_range(np.asarray(image)), tile)
 
-    def _encode_pixels(self, pixels: np.ndarray, *, tile: bool | None = None) -> np.ndarray:
+    def _encode_pixels(self, pixels: np.ndarray, tile: bool | None = None) -> np.ndarray:
         """`encode_image` of a model-range image (H, W, 3) in [-1, 1]."""
         vae = self.config.vae
         pixels = np.asarray(pixels, np.float32)[None]
-        height, width = pixels.shape[1:3]
         state = self.states["vae"]
-        if tile if tile is not None else tiling.needs_tiling(height, width):
+        if tile if tile is not None else tiling.needs_tiling(*pixels.shape[1:3]):
             mean = tiling.tiled_encode(
                 lambda x: self._encode_image(state, jnp.asarray(x, self.dtype)), pixels, factor=self.latent_factor
             )
@@ -224,41 +162,126 @@ class StableDiffusionPipeline:
         )
         return np.clip(np.asarray(images, np.float32) / 2.0 + 0.5, 0.0, 1.0)
 
-    def _check(self, height, width, steps, num_images, guidance_scale, eta, seed, sampler, schedule):
-        self._check_size(height, width)
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        max_steps = self._scheduler["num_train_timesteps"]
-        if not isinstance(steps, int) or not 1 <= steps <= max_steps:
-            raise ValueError(f"steps must be an integer between 1 and {max_steps}, got {steps!r}")
-        if not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED - num_images + 1:
-            raise ValueError(f"seed must be an integer in [0, 2**32 - num_images], got {seed!r}")
-        samplers.check(sampler, schedule)
+    def _check_size(self, height: int, width: int) -> None:
+        f = self.latent_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
 
-    @signature("txt2img", (_LATENTS, _PROGRESS))
-    def txt2img(
+    # -- a request, start to finish -------------------------------------------------------------------------------
+    def group_key(self, settings: GenerationSettings, image: ImageInput | None = None, mask=None) -> tuple:
+        """`prepare(...).group_key` without running a model (the prompts are tokenized and the images opened; the
+        encoders' outputs are stood in for by zeros of their shapes): requests with equal keys can share a call."""
+        return self.prepare(settings, image, mask, _dry=True).group_key
+
+    def prepare(
+        self, settings: GenerationSettings, image: ImageInput | None = None, mask=None, *, latents=None, _dry=False
+    ) -> Prepared:
+        """Everything of a request up to the compiled call: checks, text embeddings, the mode's start, keys, noise.
+
+        Args:
+          settings: the request (validated here, then checked against the model: steps, size).
+          image, mask: the input image of an editing mode (PIL image or path) and inpainting's mask.
+          latents: optional starting noise, NCHW (n, C, h, w), unit variance; default: drawn from each image's seed.
+        """
+        settings = settings.validate()
+        max_steps = self._scheduler["num_train_timesteps"]
+        if settings.steps > max_steps:
+            raise ValueError(f"steps must be an integer between 1 and {max_steps}, got {settings.steps!r}")
+        f = self.latent_factor
+        encode = self._encode_pixels
+        if _dry:
+            channels = self.config.vae.latent_channels
+            encode = lambda pixels, tile: np.zeros((pixels.shape[0] // f, pixels.shape[1] // f, channels))  # noqa: E731
+        edit_model = starts.EditModel(f, self.native_size, self.config.is_inpainting, encode, self._check_size)
+        canvas = starts.prepare(settings, image, mask, edit_model)
+        n_each = settings.num_images
+        positives = [p for p in settings.prompts for _ in range(n_each)]
+        negatives = [p for p in settings.negative_prompts for _ in range(n_each)]
+        n = len(positives)
+        if _dry:
+            contexts, context_mask = self.prompts.shapes_only(zip(positives, negatives, strict=True))
+        else:
+            contexts, context_mask = self.prompts.contexts(positives, negatives, settings.clip_skip)
+        keys = generation.image_keys(range(settings.seed, settings.seed + n))
+        shape = (n, self.config.unet.out_channels, canvas.height // f, canvas.width // f)
+        if latents is None:
+            latents = np.zeros(shape, np.float32) if _dry else generation.unit_noise(keys.noise, shape[1:])
+        latents = np.asarray(latents, np.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents must have shape {shape} (NCHW), got {latents.shape}")
+        inputs = {"noise": np.transpose(latents, (0, 2, 3, 1))}
+
+        schedule = samplers.schedule(settings.sampler, settings.schedule, self.config.scheduler, settings.steps)
+        init_weight, inpaint = 0.0, None
+        if canvas.start is not None:
+            entry = schedules.img2img_start(settings.steps, canvas.start.strength)
+            if entry == settings.steps:  # no step left (PLMS's schedule has one more entry than steps)
+                entry = schedule.num_steps
+            if entry > 0:  # strength 1 starts from pure noise, as txt2img
+                schedule = schedules.enter_schedule(schedule, entry)
+                init_weight = 1.0
+            inputs.update(starts.start_inputs(canvas.start, keys.fill, n))
+            if canvas.start.mask is not None:
+                inpaint = generation.CONCAT if self.config.is_inpainting else generation.BLEND
+        data = generation.LoopData.rows(
+            n,
+            schedule,
+            guidance_scale=settings.guidance_scale,
+            guidance_rescale=settings.guidance_rescale,
+            eta=settings.eta,
+            init_weight=init_weight,
+        )
+        tile = settings.tile if settings.mode in ("img2img", "upscale") else None
+        static = generation.StaticSettings(
+            sampler=settings.sampler,
+            prediction_type=self._scheduler["prediction_type"],
+            clip_x0=float(self._scheduler["clip_sample_range"]) if self._scheduler["clip_sample"] else None,
+            latent_scale=float(self.config.vae.scaling_factor),
+            latent_shift=float(self.config.vae.shift_factor or 0.0),
+            micro_batch=self.micro_batch,
+            inpaint=inpaint,
+            decode=not (tile if tile is not None else tiling.needs_tiling(canvas.height, canvas.width)),
+        )
+        key_data = np.asarray(jax.random.key_data(keys.sampler))
+        batch = generation.Batch(inputs, contexts, context_mask, key_data, data)
+        return Prepared(settings, batch, static, canvas.finish)
+
+    def sample(
         self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
+        batch: generation.Batch,
+        static: generation.StaticSettings,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """The compiled call on a batch (one request's, or several requests' concatenated): uint8 pixels
+        (n, H, W, 3) before any mode's finish."""
+        out = self.program.run({k: self.states[k] for k in ("unet", "vae")}, batch, static, progress)
+        pixels = out if static.decode else self.decode_latents(out)
+        return (pixels * 255.0).round().astype(np.uint8)
+
+    def generate(
+        self,
+        settings: GenerationSettings,
+        image: ImageInput | None = None,
+        mask=None,
         *,
-        height: int | None = None,
-        width: int | None = None,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        schedule: str = "default",
-        eta: float = 0.0,
-        seed: int = 0,
-        num_images: int = 1,
-        latents: np.ndarray | None = None,
-        clip_skip: int = 1,
-        guidance_rescale: float = 0.0,
+        latents=None,
         progress: Callable[[int, int], None] | None = None,
     ) -> list[Image.Image]:
+        """The images of a request, prompt-major (all of prompt 0's images first).
+
+        progress: optional callback(done, total) from the running loop, once per sampler step (of the first
+        device's share of the images; total = steps x its images).
+        """
+        prepared = self.prepare(settings, image, mask, latents=latents)
+        return prepared.finish(self.sample(prepared.batch, prepared.static, progress))
+
+    def _request(self, mode: str, prompt, image=None, mask=None, *, latents=None, progress=None, **options):
+        settings = GenerationSettings.for_mode(mode, prompt=prompt, **options)
+        return self.generate(settings, image, mask, latents=latents, progress=progress)
+
+    # -- the modes ------------------------------------------------------------------------------------------------
+    @signature("txt2img", (_LATENTS, _PROGRESS))
+    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", **options):
         """Generates images from text.
 
         Args:
@@ -274,43 +297,15 @@ class StableDiffusionPipeline:
           clip_skip: 1 uses the text encoder's last layer, 2 the penultimate, ...
           guidance_rescale: in [0, 1]; rescales the guided prediction toward the conditional one's scale
             (Lin et al. 2023, as diffusers' `guidance_rescale`).
-          progress: optional callback(step, steps) called from the running loop.
+          progress: optional callback(done, total) called from the running loop once per sampler step.
 
         Returns:
           The images, prompt-major (all of prompt 0's images first).
         """
-        pixels = self._run(
-            prompt,
-            negative_prompt,
-            height=self.native_size if height is None else height,
-            width=self.native_size if width is None else width,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            sampler=sampler,
-            schedule=schedule,
-            eta=eta,
-            seed=seed,
-            num_images=num_images,
-            latents=latents,
-            clip_skip=clip_skip,
-            guidance_rescale=guidance_rescale,
-            progress=progress,
-        )
-        return [Image.fromarray(p) for p in pixels]
+        return self._request("txt2img", prompt, negative_prompt=negative_prompt, **options)
 
     @signature("img2img", (_IMAGE, _LATENTS, _PROGRESS))
-    def img2img(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageInput,
-        *,
-        negative_prompt: str | Sequence[str] = "",
-        strength: float = 0.75,
-        height: int | None = None,
-        width: int | None = None,
-        tile: bool | None = None,
-        **options,
-    ) -> list[Image.Image]:
+    def img2img(self, prompt: str | Sequence[str], image: ImageInput, **options) -> list[Image.Image]:
         """Redraws an image under a prompt, keeping as much of it as `strength` leaves.
 
         Args:
@@ -320,47 +315,12 @@ class StableDiffusionPipeline:
             steps - int(steps * strength); 0 returns the image's VAE round trip, 1 starts from pure noise and
             ignores the image's content (the same image as txt2img with the same seed).
           tile: encode and decode with the VAE in overlapping tiles (default: above a megapixel).
-          **options: as txt2img (steps, guidance_scale, sampler, schedule, eta, seed, num_images, latents,
-            clip_skip, guidance_rescale, progress).
+          **options: as txt2img.
         """
-        check_strength(strength)
-        image = editing.load_image(image, "init image")
-        if height is None and width is None:
-            width, height = editing.round_size(*image.size, self.latent_factor)
-            if (width, height) != image.size:
-                log.warning(
-                    "init image %dx%d is resized to %dx%d: sizes must be multiples of %d",
-                    *image.size,
-                    width,
-                    height,
-                    self.latent_factor,
-                )
-        elif height is None or width is None:
-            raise ValueError("give both height and width, or neither (the image's own size)")
-        self._check_size(height, width)
-        if (width, height) != image.size:
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        start = Start(init=self.encode_image(np.asarray(image), tile=tile), strength=strength)
-        pixels = self._run(prompt, negative_prompt, height=height, width=width, start=start, tile=tile, **options)
-        return [Image.fromarray(p) for p in pixels]
+        return self._request("img2img", prompt, image, **options)
 
     @signature("inpaint", (_IMAGE, _MASK, _LATENTS, _PROGRESS))
-    def inpaint(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageInput,
-        mask: ImageInput | np.ndarray,
-        *,
-        negative_prompt: str | Sequence[str] = "",
-        strength: float = 1.0,
-        mask_blur: float = 4,
-        only_masked: bool = False,
-        padding: int = 32,
-        fill: str = "original",
-        height: int | None = None,
-        width: int | None = None,
-        **options,
-    ) -> list[Image.Image]:
+    def inpaint(self, prompt: str | Sequence[str], image: ImageInput, mask, **options) -> list[Image.Image]:
         """Repaints the white area of `mask`; every pixel outside it (and its blur) is kept exactly.
 
         A 9-channel inpainting model sees the mask and the masked image's latents (diffusers'
@@ -370,7 +330,7 @@ class StableDiffusionPipeline:
 
         Args:
           image: a PIL image or a path, any size (padded to multiples of 8 by edge replication for the model).
-          mask: the same size as the image; white (>= 0.5) is repainted.
+          mask: the same size as the image (image, path or array; see `editing.load_mask`); white is repainted.
           strength: as img2img; 1 (default) starts the repainted area from pure noise.
           mask_blur: Gaussian blur radius in pixels of the mask (the seam of the paste-back).
           only_masked: work on the mask's bounding box plus `padding` pixels, resized to height x width
@@ -380,44 +340,10 @@ class StableDiffusionPipeline:
           height, width: with only_masked, the processing size (multiples of 8); otherwise ignored.
           **options: as txt2img.
         """
-        check_strength(strength)
-        editing.check_fill(fill)
-        if not np.isfinite(mask_blur) or mask_blur < 0:
-            raise ValueError(f"mask_blur must be a non-negative number, got {mask_blur!r}")
-        if not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
-        image = editing.load_image(image, "image")
-        mask = editing.load_mask(mask, image.size)
-        alpha = editing.blur_mask(mask, mask_blur)
-        return self._inpaint_arrays(
-            prompt,
-            np.asarray(image),
-            alpha,
-            negative_prompt=negative_prompt,
-            strength=strength,
-            fill=fill,
-            only_masked=only_masked,
-            padding=padding,
-            height=height,
-            width=width,
-            **options,
-        )
+        return self._request("inpaint", prompt, image, mask, **options)
 
     @signature("outpaint", (_IMAGE, _LATENTS, _PROGRESS))
-    def outpaint(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageInput,
-        *,
-        negative_prompt: str | Sequence[str] = "",
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        seam: int = 8,
-        strength: float | None = None,
-        **options,
-    ) -> list[Image.Image]:
+    def outpaint(self, prompt: str | Sequence[str], image: ImageInput, **options) -> list[Image.Image]:
         """Extends the canvas by the given margins (multiples of 8 pixels) and paints the new area.
 
         The new area starts from the image's edges stretched outward plus noise, the mask covers it and a soft
@@ -429,286 +355,12 @@ class StableDiffusionPipeline:
             (which then start from the stretched edges).
           **options: as txt2img (the seed also draws the fill's noise).
         """
-        image = editing.load_image(image, "image")
-        editing.check_multiple(*image.size, self.latent_factor, what="the image to outpaint")
-        if strength is None:
-            strength = 1.0 if self.config.is_inpainting else 0.8
-        check_strength(strength)
-        seed = options.get("seed", 0)
-        canvas, _, alpha = editing.extend_canvas(
-            np.asarray(image), left, right, top, bottom, seam=seam, rng=np.random.default_rng(seed)
-        )
-        return self._inpaint_arrays(
-            prompt, canvas, alpha, negative_prompt=negative_prompt, strength=strength, fill="original", **options
-        )
+        return self._request("outpaint", prompt, image, **options)
 
     @signature("upscale", (_IMAGE, _LATENTS, _PROGRESS))
-    def upscale(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageInput,
-        *,
-        negative_prompt: str | Sequence[str] = "",
-        scale: float = 2.0,
-        strength: float = 0.35,
-        tile: bool | None = None,
-        **options,
-    ) -> list[Image.Image]:
+    def upscale(self, prompt: str | Sequence[str], image: ImageInput, **options) -> list[Image.Image]:
         """ "Hires fix": a Lanczos resize by `scale` (to multiples of 8), then img2img at `strength`.
 
         The VAE encodes and decodes large images in overlapping tiles (see `tile` in img2img).
         """
-        image = editing.load_image(image, "image")
-        if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
-        f = self.latent_factor
-        width, height = (max(f, int(round(side * scale / f)) * f) for side in image.size)
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-        return self.img2img(prompt, image, negative_prompt=negative_prompt, strength=strength, tile=tile, **options)
-
-    def _inpaint_arrays(
-        self,
-        prompt,
-        image: np.ndarray,
-        alpha: np.ndarray,
-        *,
-        negative_prompt,
-        strength: float,
-        fill: str,
-        only_masked: bool = False,
-        padding: int = 32,
-        height: int | None = None,
-        width: int | None = None,
-        **options,
-    ) -> list[Image.Image]:
-        """Inpaints `image` (H, W, 3) uint8 where the soft mask `alpha` (H, W) is set, then pastes back."""
-        if not (alpha >= 0.5).any():  # e.g. a mask of a few pixels, blurred below one half
-            raise ValueError(editing.EMPTY_MASK)
-        generated = self._inpaint_raw(
-            prompt,
-            image,
-            alpha,
-            negative_prompt=negative_prompt,
-            strength=strength,
-            fill=fill,
-            only_masked=only_masked,
-            padding=padding,
-            height=height,
-            width=width,
-            **options,
-        )
-        if only_masked:
-            region, pieces = generated
-            return [Image.fromarray(editing.paste_crop(image, piece, region, alpha)) for piece in pieces]
-        return [Image.fromarray(editing.paste_back(image, g, alpha)) for g in generated]
-
-    def _inpaint_raw(
-        self,
-        prompt,
-        image: np.ndarray,
-        alpha: np.ndarray,
-        *,
-        negative_prompt="",
-        strength: float = 1.0,
-        fill: str = "original",
-        only_masked: bool = False,
-        padding: int = 32,
-        height: int | None = None,
-        width: int | None = None,
-        **options,
-    ):
-        """The model's images before paste-back: (B, H, W, 3) uint8 at the image's size, or with only_masked
-        ((x0, y0, x1, y1), the crops at the processing size)."""
-        f = self.latent_factor
-        region = None
-        if only_masked:
-            width = self.native_size if width is None else width
-            height = self.native_size if height is None else height
-            self._check_size(height, width)
-            region = editing.crop_region(alpha, padding, width, height)
-            x0, y0, x1, y1 = region
-            crop = Image.fromarray(image[y0:y1, x0:x1]).resize((width, height), Image.Resampling.LANCZOS)
-            crop_alpha = Image.fromarray(alpha[y0:y1, x0:x1].astype(np.float32), mode="F")
-            work_image = np.asarray(crop)
-            work_alpha = np.clip(np.asarray(crop_alpha.resize((width, height), Image.Resampling.BILINEAR)), 0, 1)
-        else:
-            # Pad to multiples of the latent factor by edge replication; the padding is known (mask 0).
-            h, w = alpha.shape
-            ph, pw = -h % f, -w % f
-            work_image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="edge")
-            work_alpha = np.pad(alpha, ((0, ph), (0, pw)))
-        height, width = work_alpha.shape
-        seed = options.get("seed", 0)
-        work_image = editing.fill_masked(work_image, work_alpha, fill, np.random.default_rng(seed))
-        concat = self.config.is_inpainting
-        latent_mask = editing.latent_mask(work_alpha, f, binary=concat)
-        if not concat:
-            latent_mask = np.round(latent_mask)  # a soft edge is the pixel paste-back's job
-        masked = None
-        if concat:
-            masked_pixels = editing.masked_image(work_image, work_alpha)
-            masked = self._encode_pixels(masked_pixels)
-        start = Start(
-            init=self.encode_image(work_image),
-            strength=strength,
-            mask=latent_mask[..., None].astype(np.float32),
-            masked=masked,
-            fill=fill,
-        )
-        pixels = self._run(prompt, negative_prompt, height=height, width=width, start=start, **options)
-        if only_masked:
-            return region, pixels
-        return pixels[:, : image.shape[0], : image.shape[1]]
-
-    def _check_size(self, height: int, width: int) -> None:
-        f = self.latent_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
-
-    def _run(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
-        *,
-        height: int,
-        width: int,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        sampler: str = "ddim",
-        schedule: str = "default",
-        eta: float = 0.0,
-        seed: int = 0,
-        num_images: int = 1,
-        latents: np.ndarray | None = None,
-        clip_skip: int = 1,
-        guidance_rescale: float = 0.0,
-        progress: Callable[[int, int], None] | None = None,
-        start: Start | None = None,
-        tile: bool | None = None,
-    ) -> np.ndarray:
-        """Every mode's generation: images (n, height, width, 3) uint8, prompt-major."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        self._check(height, width, steps, num_images, guidance_scale, eta, seed, sampler, schedule)
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        total = len(prompts) * num_images
-        f = self.latent_factor
-        shape = (total, self.config.unet.out_channels, height // f, width // f)
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents must have shape {shape} (NCHW), got {latents.shape}")
-
-        contexts, context_mask = self._contexts(
-            [p for p in prompts for _ in range(num_images)],
-            [n for n in negatives for _ in range(num_images)],
-            clip_skip,
-        )
-        image_keys = _image_keys(seed, total)
-        if latents is None:
-            latents = np.asarray(_noise(image_keys, shape[1:]))
-        inputs = {"noise": np.transpose(latents, (0, 2, 3, 1))}
-        sampler_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(image_keys)
-
-        schedule_data = samplers.schedule(sampler, schedule, self.config.scheduler, steps)
-        init_weight = 0.0
-        inpaint = None
-        if start is not None:
-            entry = schedules.img2img_start(steps, start.strength)
-            if entry == steps:  # no step left (PLMS's schedule has one more entry than steps)
-                entry = schedule_data.num_steps
-            if entry > 0:  # strength 1 starts from pure noise, as txt2img
-                schedule_data = schedules.enter_schedule(schedule_data, entry)
-                init_weight = 1.0
-            inputs.update(self._start_inputs(start, image_keys, total))
-            if start.mask is not None:
-                inpaint = generation.CONCAT if self.config.is_inpainting else generation.BLEND
-        decode = not (tile if tile is not None else tiling.needs_tiling(height, width))
-
-        padded = parallel.padded_batch_size(total, self.mesh.size * self.micro_batch)
-        shard = parallel.batch_sharding(self.mesh)
-
-        def interleaved(per_image: np.ndarray) -> jax.Array:
-            # (total, 2, ...) -> [u0, c0, u1, c1, ...] (2 * padded, ...), sharded with the images.
-            per_image = parallel.pad_batch(per_image, padded)
-            return jax.device_put(per_image.reshape((2 * padded,) + per_image.shape[2:]), shard)
-
-        context = interleaved(contexts)
-        if context_mask is not None:
-            context = (context, interleaved(context_mask))
-        data = generation.LoopData(
-            sigmas=schedule_data.sigmas,
-            sigmas_next=schedule_data.sigmas_next,
-            timesteps=schedule_data.timesteps,
-            train_sigmas=schedule_data.train_sigmas,
-            num_steps=np.int32(schedule_data.num_steps),
-            guidance_scale=np.float32(guidance_scale),
-            guidance_rescale=np.float32(guidance_rescale),
-            eta=np.float32(eta),
-            init_scale=np.float32(schedule_data.init_scale),
-            init_weight=np.float32(init_weight),
-            final_scale=np.float32(schedule_data.final_scale),
-        )
-        static = generation.StaticSettings(
-            sampler=sampler,
-            prediction_type=self._scheduler["prediction_type"],
-            clip_x0=float(self._scheduler["clip_sample_range"]) if self._scheduler["clip_sample"] else None,
-            latent_scale=float(self.config.vae.scaling_factor),
-            latent_shift=float(self.config.vae.shift_factor or 0.0),
-            micro_batch=self.micro_batch,
-            progress=self._on_step if progress is not None else None,
-            inpaint=inpaint,
-            decode=decode,
-        )
-        self._progress = (
-            progress,
-            np.asarray(schedule_data.sigmas[: schedule_data.num_steps]),
-            min(steps, schedule_data.num_steps),
-        )
-        try:
-            out = self._generate(
-                {k: self.states[k] for k in ("unet", "vae")},
-                {k: jax.device_put(parallel.pad_batch(v, padded), shard) for k, v in inputs.items()},
-                context,
-                jax.device_put(parallel.pad_batch(np.asarray(jax.random.key_data(sampler_keys)), padded), shard),
-                jax.device_put(data, parallel.replicated(self.mesh)),
-                static=static,
-            )
-            out = np.asarray(jax.device_get(out))[:total]
-        finally:
-            self._progress = None
-        pixels = out if decode else self.decode_latents(out)
-        return (pixels * 255.0).round().astype(np.uint8)
-
-    def _start_inputs(self, start: Start, image_keys, total: int) -> dict[str, np.ndarray]:
-        """The per-image arrays (total, h, w, .) of an editing call: image latents, mask, masked latents."""
-        init = np.broadcast_to(start.init, (total,) + start.init.shape)
-        if start.mask is not None and start.fill in ("latent_noise", "latent_nothing"):
-            keep = 1.0 - start.mask
-            init = init * keep
-            if start.fill == "latent_noise":
-                fill_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(image_keys)
-                noise = np.asarray(_noise(fill_keys, (start.init.shape[2],) + start.init.shape[:2]))
-                init = init + np.transpose(noise, (0, 2, 3, 1)) * start.mask
-        inputs = {"init": np.ascontiguousarray(init, np.float32)}
-        if start.mask is not None:
-            inputs["mask"] = np.broadcast_to(start.mask, (total,) + start.mask.shape).astype(np.float32)
-        if start.masked is not None:
-            inputs["masked"] = np.broadcast_to(start.masked, (total,) + start.masked.shape).astype(np.float32)
-        return inputs
-
-
-def _image_keys(seed: int, count: int) -> jnp.ndarray:
-    """Typed PRNG keys of images seed, seed + 1, ..., seed + count - 1."""
-    return jnp.stack([jax.random.key(seed + i) for i in range(count)])
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _noise(keys: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
-    """Unit normal starting noise per image, NCHW, each drawn from its own image key."""
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+        return self._request("upscale", prompt, image, **options)

@@ -223,6 +223,23 @@ class GenerationSettings:
             raise ValueError(str(e)) from None
 
 
+def check_values(values: Mapping[str, Any]) -> None:
+    """Checks each field value on its own (e.g. a batch job's flags, the defaults of lines of any mode): a one-line
+    ValueError for the first that no request could take. None leaves a field at its default."""
+    for name, value in values.items():
+        f = GenerationSettings.__dataclass_fields__[name]
+        if value is None or value == f.default or name == "prompt":
+            continue
+        mode = _modes(f)[0]
+        base = {"prompt": "x", "left": SIZE_MULTIPLE} if mode == "outpaint" and name != "left" else {"prompt": "x"}
+        if mode == "outpaint" and name == "left":
+            base["right"] = SIZE_MULTIPLE
+        try:
+            GenerationSettings.for_mode(mode, **{**base, name: value}).validate()
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+
+
 def check_strength(strength: float) -> None:
     """Raises a one-line ValueError unless 0 <= strength <= 1."""
     if not _real(strength) or not 0.0 <= strength <= 1.0:
@@ -260,19 +277,24 @@ def signature(mode: str, inputs: Sequence[inspect.Parameter] = ()) -> Callable:
     return decorate
 
 
-def define_flags(mode: str, flag_values=None, *, size_default: str = "the model's native size") -> None:
-    """Defines an absl flag for each of the mode's fields, with the field's help and the mode's default."""
+def define_flags(mode: str | None, flag_values=None, *, size_default: str = "the model's native size") -> None:
+    """Defines an absl flag for each of the mode's fields, with the field's help and the mode's default; mode None:
+    every field, with the field's own default (a batch job's flags, whose lines choose their modes)."""
     from absl import flags
 
     fv = flags.FLAGS if flag_values is None else flag_values
     fields = {f.name: f for f in dataclasses.fields(GenerationSettings)}
-    for name in GenerationSettings.fields_for(mode):
-        f, default = fields[name], field_default(name, mode)
+    names = [name for name in fields if name != "mode"] if mode is None else GenerationSettings.fields_for(mode)
+    for name in names:
+        f = fields[name]
+        default = f.default if mode is None else field_default(name, mode)
         help = f.metadata["help"]
         if name in ("height", "width"):
             help = f"{help[:-1]}; default: {size_default}."
-        elif name == "strength" and mode == "outpaint":
-            help += " Default: 1 for inpainting models, 0.8 for others."
+        elif name == "strength" and mode in ("outpaint", None):
+            help += " Default: 1 for inpainting models, 0.8 for others." if mode else " Default: the mode's."
+        if mode is None and set(_modes(f)) != set(MODES):
+            help += f" ({', '.join(_modes(f))})"
         if name == "prompt":
             flags.DEFINE_string(name, None, help, flag_values=fv)
         elif f.type in ("bool", "bool | None"):

@@ -19,6 +19,7 @@ from PIL import Image
 
 PAYLOAD_SD1 = b"StableDiffusionV1"  # the SD 1 scripts' payload, 136 bits
 PAYLOAD_SD2 = b"SDV2"  # the SD 2 scripts' payload, 32 bits
+PAYLOADS = {"sd1": PAYLOAD_SD1, "sd2": PAYLOAD_SD2}  # by `ModelConfig.family`
 MIN_SIZE = 256  # the package refuses images under 256*256 pixels; diffusers skips widths under 256
 METHOD = "dwtDct"
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 import sd_jax
 from sd_jax import editing, tiling
+from sd_jax.settings import GenerationSettings
 from tests.tiny_models import save_diffusers_pipeline, tiny_config
 
 PROMPT = "a photo of a cat"
@@ -166,6 +167,13 @@ def _diffusers_inpaint(reference, image: np.ndarray, mask: np.ndarray, strength:
     return expected
 
 
+def _inpaint_raw(pipe, image, mask, noise, **options):
+    """The model's pixels before paste-back, for the mask as given (no blur)."""
+    settings = GenerationSettings(mode="inpaint", prompt=PROMPT, negative_prompt=NEGATIVE, mask_blur=0.0, **options)
+    prepared = pipe.prepare(settings, Image.fromarray(image), mask, latents=noise)
+    return pipe.sample(prepared.batch, prepared.static)
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monkeypatch, strength):
 
@@ -175,7 +183,7 @@ def test_inpainting_model_matches_diffusers(sd1_inpainting, argmax_encode, monke
     image, mask = _inpaint_inputs()
     noise = _unit_noise(3)
     expected = _diffusers_inpaint(reference, image, mask, strength, noise, monkeypatch)
-    ours = pipe._inpaint_raw(PROMPT, image, mask, negative_prompt=NEGATIVE, strength=strength, steps=6, latents=noise)
+    ours = _inpaint_raw(pipe, image, mask, noise, strength=strength, steps=6)
     _assert_matches(f"9-channel inpainting, strength {strength}", ours, expected)
 
 
@@ -195,17 +203,7 @@ def test_blended_inpainting_matches_diffusers(sd1, argmax_encode, monkeypatch, s
     mask[8:24, 0:16] = 1.0
     noise = _unit_noise(5)
     expected = _diffusers_inpaint(inpaint, image, mask, strength, noise, monkeypatch)
-    ours = pipe._inpaint_raw(
-        PROMPT,
-        image,
-        mask,
-        negative_prompt=NEGATIVE,
-        strength=strength,
-        steps=6,
-        sampler=sampler,
-        schedule=schedule,
-        latents=noise,
-    )
+    ours = _inpaint_raw(pipe, image, mask, noise, strength=strength, steps=6, sampler=sampler, schedule=schedule)
     _assert_matches(f"4-channel inpainting {sampler}, strength {strength}", ours, expected)
 
 

@@ -137,9 +137,43 @@ def test_steps_guidance_and_eta_do_not_recompile(model_pair):
     _, _, pipe = model_pair
     kwargs = dict(height=32, width=32, seed=1)
     pipe.txt2img("a cat", steps=3, **kwargs)
-    compiled = pipe._generate._cache_size()
+    compiled = pipe.program.compiled_count()
     pipe.txt2img("a cat", steps=5, guidance_scale=3.0, **kwargs)
     pipe.txt2img("a cat", steps=4, guidance_scale=1.0, eta=0.5, **kwargs)
     pipe.txt2img("a cat", steps=4, guidance_scale=5.0, guidance_rescale=0.5, **kwargs)
     pipe.txt2img("a cat", steps=9, schedule="karras", **kwargs)
-    assert pipe._generate._cache_size() == compiled
+    assert pipe.program.compiled_count() == compiled
+
+
+def test_progress_reports_each_step_once_per_call_from_two_threads(model_pair):
+    """The callback fires once per sampler step of the first device's images (not once per device), and two calls
+    running at once from two threads each hear only their own steps."""
+    import threading
+
+    kind, _, pipe = model_pair
+    if kind != "sd1":
+        pytest.skip("the reporting does not depend on the model; one keeps the compile time down")
+    assert pipe.mesh.size == 8
+    kwargs = dict(height=32, width=32, seed=1)
+    heard = {"three": [], "ten": []}
+    results = {}
+
+    def call(name, steps, num_images):
+        def report(done, total):
+            heard[name].append((done, total))
+
+        results[name] = pipe.txt2img("a cat", steps=steps, num_images=num_images, progress=report, **kwargs)
+
+    threads = [
+        threading.Thread(target=call, args=("three", 3, 3)),  # device 0 runs one image: 3 steps
+        threading.Thread(target=call, args=("ten", 4, 10)),  # padded to 16: device 0 runs two images, 8 steps
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert heard["three"] == [(i, 3) for i in range(1, 4)]
+    assert heard["ten"] == [(i, 8) for i in range(1, 9)]
+    quiet = pipe.txt2img("a cat", steps=4, num_images=10, **kwargs)
+    for a, b in zip(results["ten"], quiet, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -86,7 +86,7 @@ def test_clip_skip_checked(pair):
 def test_negative_padded_to_the_prompts_chunks(pair):
     _, pipe = pair
     long = " ".join([WORD] * 100)
-    contexts, mask = pipe._contexts([long], ["blurry"], 1)
+    contexts, mask = pipe.prompts.contexts([long], ["blurry"], 1)
     assert contexts.shape[:3] == (1, 2, 154) and mask.all()
     # The negative's second chunk is the empty prompt's chunk, as AUTOMATIC1111 pads.
     np.testing.assert_array_equal(contexts[0, 0, 77:], pipe.encode_prompt("").astype(contexts.dtype))
@@ -101,9 +101,9 @@ def test_bucketed_lengths_do_not_recompile_or_change_images(pair):
     three = " ".join([WORD] * 200)  # 3 chunks: bucket of 4
     four = " ".join([WORD] * 290)  # 4 chunks: the same bucket
     pipe.txt2img(three, **kwargs)
-    compiled = pipe._generate._cache_size()
+    compiled = pipe.program.compiled_count()
     pipe.txt2img(four, **kwargs)
-    assert pipe._generate._cache_size() == compiled
+    assert pipe.program.compiled_count() == compiled
     # A 1-chunk prompt padded into a batch's bucket of 2 gives the image it gives alone (masked tokens get exactly
     # zero attention weight), up to float rounding: the softmax and value sums run over 154 keys instead of 77.
     long = " ".join([WORD] * 100)

@@ -50,8 +50,13 @@ def denoiser_loss_fn(config: ModelConfig, dtype=jnp.float32) -> Callable:
     return losses.make_loss_fn(config, settings, dtype=dtype)
 
 
-def sd_jax_step(config: ModelConfig, states: dict, options: TrainOptions, batch: dict) -> Callable[[], jax.Array]:
-    """A callable that runs one sd_jax training step on one device (to completion) and returns its loss."""
+def sd_jax_step(
+    config: ModelConfig, states: dict, options: TrainOptions, batch: dict, *, donate: bool = True
+) -> Callable[[], jax.Array]:
+    """A callable that runs one sd_jax training step on one device (to completion) and returns its loss.
+
+    donate: the step reuses the state's buffers for the new state, as PyTorch's optimizer updates in place (without
+    it an SD-1.5 U-Net's weights and AdamW moments are held twice: 20 GB in float32)."""
     trained = ("unet", "text_encoder") if options.train_text_encoder else ("unet",)
     names = [n for n in ("text_encoder", "unet", "vae") if n not in trained and not (n == "vae" and "moments" in batch)]
     params = {n: {k: jnp.asarray(v) for k, v in state_to_flat(states[n]).items()} for n in trained}
@@ -62,7 +67,7 @@ def sd_jax_step(config: ModelConfig, states: dict, options: TrainOptions, batch:
     shardings = steps.state_shardings(jax.eval_shape(make, params), mesh, fsdp=False)
     frozen_shardings = steps.state_shardings(frozen, mesh, fsdp=False)
     train_step = steps.jit_train_step(
-        steps.make_train_step(denoiser_loss_fn(config), tx, options), shardings, frozen_shardings, mesh
+        steps.make_train_step(denoiser_loss_fn(config), tx, options), shardings, frozen_shardings, mesh, donate=donate
     )
     held = {"state": jax.jit(make, out_shardings=shardings)(params)}
     frozen = jax.device_put(frozen, frozen_shardings)

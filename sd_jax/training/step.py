@@ -141,10 +141,11 @@ def make_train_step(
     return train_step
 
 
-def jit_train_step(train_step, state_sharding, frozen_sharding, mesh: Mesh):
-    """The step compiled with the run's shardings (the state buffers are donated off CPU)."""
+def jit_train_step(train_step, state_sharding, frozen_sharding, mesh: Mesh, *, donate: bool | None = None):
+    """The step compiled with the run's shardings; donate: reuse the state's buffers for the new state (default: off
+    CPU; the trainer keeps them on CPU, where memory is rarely the limit)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    donate = () if jax.default_backend() == "cpu" else (0,)
+    donate = (0,) if (jax.default_backend() != "cpu" if donate is None else donate) else ()
     return jax.jit(
         train_step,
         in_shardings=(state_sharding, frozen_sharding, batch_sharding(mesh)),
