@@ -144,7 +144,7 @@ def run_job(
             remaining = _count_by_line(group)
             for i in range(0, len(group), batch_size):
                 calls = group[i : i + batch_size]
-                made = _make(pipe, calls, prepared, errors)
+                made = _make(pipe, calls, prepared, errors, batch_size)
                 for job, result, seconds in made:
                     if isinstance(result, str):
                         record_failure(batch_files.image_record(job, "failed", None, result))
@@ -206,7 +206,9 @@ def _count_by_line(jobs: Sequence[ImageJob]) -> dict[int, int]:
     return counts
 
 
-def _make(pipe, jobs: Sequence[ImageJob], prepared: dict, errors: dict) -> list[tuple[ImageJob, object, float]]:
+def _make(
+    pipe, jobs: Sequence[ImageJob], prepared: dict, errors: dict, batch_size: int
+) -> list[tuple[ImageJob, object, float]]:
     """One compiled call for the jobs (all of one group): (job, PIL image or error text, seconds per image)."""
     parts, failed = [], []
     for job in jobs:
@@ -225,7 +227,7 @@ def _make(pipe, jobs: Sequence[ImageJob], prepared: dict, errors: dict) -> list[
         return failed
     batch = generation.concatenate([prepared[job.line].batch.select([job.index]) for job in parts])
     start = time.perf_counter()
-    pixels = pipe.sample(batch, prepared[parts[0].line].static)
+    pixels = pipe.sample(batch, prepared[parts[0].line].static, pad_to=batch_size)
     seconds = (time.perf_counter() - start) / len(parts)
     made = [(job, prepared[job.line].finish(pixels[i : i + 1])[0], seconds) for i, job in enumerate(parts)]
     return made + failed

@@ -20,6 +20,8 @@ from flax import nnx
 
 from sd_jax.prompts import tokenize_weighted, weighted_mean_restore
 
+CACHE_SIZE = 256  # prompts whose embeddings a PromptEncoder keeps
+
 
 def _text_embeddings(graphdef, state, input_ids, *, clip_skip: int):
     return nnx.merge(graphdef, state)(input_ids, clip_skip=clip_skip)
@@ -37,12 +39,23 @@ class PromptEncoder:
         """Args: graphdef, state: the text encoder (nnx); config: its `CLIPTextConfig`-like config; dtype: of the
         embeddings."""
         self.tokenizer = tokenizer
+        self._cache: dict[tuple[str, int], jnp.ndarray] = {}
         self.state = state
         self.dtype = dtype
         self.length = config.max_position_embeddings  # tokens per chunk with start and end (77)
         self.width = config.hidden_size
         self._encode = jax.jit(functools.partial(_text_embeddings, graphdef), static_argnames=("clip_skip",))
         self._emphasis = jax.jit(weighted_mean_restore)
+
+    @property
+    def state(self):
+        """The text encoder's weights; setting new ones forgets the embeddings computed with the old."""
+        return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        self._state = state
+        self._cache.clear()
 
     def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids, weights), both (n_chunks, 77)."""
@@ -66,7 +79,18 @@ class PromptEncoder:
 
     def chunks(self, text: str, clip_skip: int) -> jnp.ndarray:
         """(n_chunks, 77, D) weighted chunk embeddings of a prompt. The text encoder checks `clip_skip` (a one-line
-        ValueError)."""
+        ValueError). The last CACHE_SIZE prompts' embeddings are kept (a batch job's negative prompts, repeats)."""
+        key = (text, clip_skip)
+        if key in self._cache:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
+            return self._cache[key]
+        chunks = self._encode_chunks(text, clip_skip)
+        self._cache[key] = chunks
+        if len(self._cache) > CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        return chunks
+
+    def _encode_chunks(self, text: str, clip_skip: int) -> jnp.ndarray:
         ids, weights = self.tokenize(text)
         chunks = jnp.concatenate(
             [self._encode(self.state, jnp.asarray(ids[i : i + 1]), clip_skip=clip_skip) for i in range(len(ids))]
@@ -82,12 +106,9 @@ class PromptEncoder:
 
         L is 77 times the bucket of the longest pair; a pair's own chunks come first, the rest is masked.
         """
-        cache: dict[str, jnp.ndarray] = {}
 
         def chunks(text: str) -> jnp.ndarray:
-            if text not in cache:
-                cache[text] = self.chunks(text, clip_skip)
-            return cache[text]
+            return self.chunks(text, clip_skip)
 
         pairs = []
         for positive, negative in zip(positives, negatives, strict=True):

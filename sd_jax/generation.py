@@ -159,9 +159,14 @@ class ImageKeys:
 def image_keys(seeds: Sequence[int]) -> ImageKeys:
     """Keys of the images with these seeds: the starting noise from key(seed), the sampler's and the fill's from
     that key folded with 1 and 2."""
-    keys = jnp.stack([jax.random.key(int(seed)) for seed in seeds])
+    return ImageKeys(*_keys_of_seeds(np.asarray(seeds, np.uint32)))  # seeds are < 2**32 (settings.MAX_SEED)
+
+
+@jax.jit
+def _keys_of_seeds(seeds: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    keys = jax.vmap(jax.random.key)(seeds)  # the same keys as jax.random.key(int(seed)) one by one
     fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-    return ImageKeys(noise=keys, sampler=fold(keys, 1), fill=fold(keys, 2))
+    return keys, fold(keys, 1), fold(keys, 2)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -323,14 +328,24 @@ class Program:
         """How many executables have been compiled (one per distinct `StaticSettings` and `Batch.shape_key`)."""
         return self._jit._cache_size()
 
-    def run(self, states: dict, batch: Batch, static: StaticSettings, progress: Progress | None = None):
+    def run(
+        self,
+        states: dict,
+        batch: Batch,
+        static: StaticSettings,
+        progress: Progress | None = None,
+        *,
+        pad_to: int = 0,
+    ):
         """The batch's images (n, H, W, 3) float32 in [0, 1], or with `static.decode` False their latents.
 
         progress: optional `(done, total)` callback, once per sampler step of the first device's images (all
         devices step in lockstep): done counts the steps its micro-batches have taken, total their steps in all.
+        pad_to: pad the batch to at least this many images (a batch job's fixed call size: its last call of a group
+          then reuses the group's executable).
         """
         n, m = batch.size, static.micro_batch
-        padded = parallel.padded_batch_size(n, self.mesh.size * m)
+        padded = parallel.padded_batch_size(max(n, pad_to), self.mesh.size * m)
         shard = parallel.batch_sharding(self.mesh)
 
         def put(per_image: np.ndarray, interleaved: bool = False) -> jax.Array:

@@ -330,6 +330,17 @@ def model_hash(path: str | os.PathLike | None) -> str | None:
     files = _weight_files(path) if path.is_dir() else [path]
     if not files:
         return None
+    # Hashing gigabytes per saved image would dwarf generating it: remember each file set's hash by size and mtime.
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _HASHES:
+        _HASHES[stamp] = _sha256_prefix(files)
+    return _HASHES[stamp]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _sha256_prefix(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:

@@ -251,10 +251,13 @@ class StableDiffusionPipeline:
         batch: generation.Batch,
         static: generation.StaticSettings,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        pad_to: int = 0,
     ) -> np.ndarray:
         """The compiled call on a batch (one request's, or several requests' concatenated): uint8 pixels
-        (n, H, W, 3) before any mode's finish."""
-        out = self.program.run({k: self.states[k] for k in ("unet", "vae")}, batch, static, progress)
+        (n, H, W, 3) before any mode's finish (`pad_to`: see `generation.Program.run`)."""
+        states = {k: self.states[k] for k in ("unet", "vae")}
+        out = self.program.run(states, batch, static, progress, pad_to=pad_to)
         pixels = out if static.decode else self.decode_latents(out)
         return (pixels * 255.0).round().astype(np.uint8)
 

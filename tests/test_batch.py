@@ -117,6 +117,15 @@ def test_the_same_files_on_any_device_count(pipe, reference, tmp_path, devices):
     assert len(made) == 7 and made == {name: data for name, data in _pngs(ref_out).items() if name in made}
 
 
+def test_a_groups_last_call_is_padded_to_the_call_size(pipe, tmp_path):
+    """20 images in calls of 16: the last call of 4 is padded to 16 and reuses the first call's executable."""
+    requests = batch_files.read_requests(_prompts_file(tmp_path, [{"prompt": "a cat", "num_images": 20}]), FLAG_DEFAULTS)
+    summary = batch.run_job(
+        pipe, requests, tmp_path / "out", model=MODEL, dtype="float32", batch_size=16, show_progress=False
+    )
+    assert (summary.done, summary.executables) == (20, 1)
+
+
 def test_resume_after_a_crash_between_rename_and_record(pipe, reference, tmp_path, monkeypatch):
     """Killed after an image's rename but before its manifest record: the rerun records it, makes the rest, and every
     file is byte-identical to the uninterrupted run's."""
