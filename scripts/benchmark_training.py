@@ -58,9 +58,14 @@ def main(argv):
     batch = benchmark.random_batch(config, FLAGS.batch, resolution, FLAGS.cached_latents)
     makers = {"sd_jax": benchmark.sd_jax_step, "pytorch": benchmark.torch_step}
     if FLAGS.sequential:
+        # Each side builds the same random weights (seed 0) and drops them once it holds its own copy, so that at no
+        # time does the process hold a side's training state and a second copy of the weights.
+        del states
+        gc.collect()
         results = {}
         for name, make in makers.items():
-            run = make(config, states, options, batch)
+            run = make(config, random_components(config, jnp.float32, seed=0), options, batch)
+            gc.collect()
             results |= benchmark.time_alternating({name: run}, steps=FLAGS.steps, warmup=FLAGS.warmup)
             del run
             gc.collect()

@@ -13,7 +13,6 @@ settings and seed + i, whatever the batch size, the device count or the other re
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -21,26 +20,18 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from sd_jax import editing, generation, parallel, starts, tiling
+from sd_jax import generation, parallel, starts, tiling
 from sd_jax.conditioning import PromptEncoder
 from sd_jax.config import ModelConfig
+from sd_jax.latents import LatentCodec
 from sd_jax.models import abstract_components
 from sd_jax.sampling import samplers, schedules
 from sd_jax.sampling.schedules import scheduler_settings
 from sd_jax.settings import GenerationSettings, signature
 
 ImageInput = Image.Image | str | os.PathLike
-
-
-def _vae_encode_mean(graphdef, state, images):
-    return nnx.merge(graphdef, state).encode(images)[0]
-
-
-def _vae_decode(graphdef, state, latents):
-    return nnx.merge(graphdef, state).decode(latents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +86,9 @@ class StableDiffusionPipeline:
         self.mesh = mesh if mesh is not None else parallel.batch_mesh()
         graphs = {name: graph for name, (graph, _) in abstract_components(config, dtype).items()}
         self.prompts = PromptEncoder(graphs["text_encoder"], None, tokenizer, config.text_encoder, dtype)
+        self.vae = LatentCodec(graphs["vae"], config.vae, dtype, self.latent_factor)
         self.states = states
         self._scheduler = scheduler_settings(config.scheduler)
-        self._encode_image = jax.jit(functools.partial(_vae_encode_mean, graphs["vae"]))
-        self._decode_latents = jax.jit(functools.partial(_vae_decode, graphs["vae"]))
         self.program = generation.Program(self.mesh, {k: graphs[k] for k in ("unet", "vae")})
 
     @property
@@ -111,6 +101,7 @@ class StableDiffusionPipeline:
         replicated = parallel.replicated(self.mesh)
         self._states = {name: jax.device_put(state, replicated) for name, state in states.items()}
         self.prompts.state = self._states["text_encoder"]
+        self.vae.state = self._states["vae"]
 
     @property
     def latent_factor(self) -> int:
@@ -133,34 +124,13 @@ class StableDiffusionPipeline:
         return np.asarray(chunks, np.float32).reshape(-1, self.config.text_encoder.hidden_size)
 
     def encode_image(self, image: np.ndarray, *, tile: bool | None = None) -> np.ndarray:
-        """VAE latents (h, w, C), scaled as the U-Net sees them, of an image (H, W, 3) uint8.
-
-        The latent distribution's mean is used (deterministic). Images over a megapixel are encoded in
-        overlapping tiles (`sd_jax.tiling`) unless `tile` says otherwise.
-        """
-        return self._encode_pixels(editing.to_model_range(np.asarray(image)), tile)
-
-    def _encode_pixels(self, pixels: np.ndarray, tile: bool | None = None) -> np.ndarray:
-        """`encode_image` of a model-range image (H, W, 3) in [-1, 1]."""
-        vae = self.config.vae
-        pixels = np.asarray(pixels, np.float32)[None]
-        state = self.states["vae"]
-        if tile if tile is not None else tiling.needs_tiling(*pixels.shape[1:3]):
-            mean = tiling.tiled_encode(
-                lambda x: self._encode_image(state, jnp.asarray(x, self.dtype)), pixels, factor=self.latent_factor
-            )
-        else:
-            mean = self._encode_image(state, jnp.asarray(pixels, self.dtype))
-        mean = np.asarray(mean, np.float32)[0]
-        return (mean - float(vae.shift_factor or 0.0)) * float(vae.scaling_factor)
+        """VAE latents (h, w, C), scaled as the U-Net sees them, of an image (H, W, 3) uint8 (see
+        `sd_jax.latents`; tiled above a megapixel unless `tile` says otherwise)."""
+        return self.vae.encode_image(image, tile)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """Images (B, H, W, 3) in [0, 1] from raw VAE latents (B, h, w, C), decoded in overlapping tiles."""
-        state = self.states["vae"]
-        images = tiling.tiled_decode(
-            lambda z: self._decode_latents(state, jnp.asarray(z, self.dtype)), latents, factor=self.latent_factor
-        )
-        return np.clip(np.asarray(images, np.float32) / 2.0 + 0.5, 0.0, 1.0)
+        return self.vae.decode(latents)
 
     def _check_size(self, height: int, width: int) -> None:
         f = self.latent_factor
@@ -188,7 +158,7 @@ class StableDiffusionPipeline:
         if settings.steps > max_steps:
             raise ValueError(f"steps must be an integer between 1 and {max_steps}, got {settings.steps!r}")
         f = self.latent_factor
-        encode = self._encode_pixels
+        encode = self.vae.encode
         if _dry:
             channels = self.config.vae.latent_channels
             encode = lambda pixels, tile: np.zeros((pixels.shape[0] // f, pixels.shape[1] // f, channels))  # noqa: E731

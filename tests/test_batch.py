@@ -119,7 +119,9 @@ def test_the_same_files_on_any_device_count(pipe, reference, tmp_path, devices):
 
 def test_a_groups_last_call_is_padded_to_the_call_size(pipe, tmp_path):
     """20 images in calls of 16: the last call of 4 is padded to 16 and reuses the first call's executable."""
-    requests = batch_files.read_requests(_prompts_file(tmp_path, [{"prompt": "a cat", "num_images": 20}]), FLAG_DEFAULTS)
+    requests = batch_files.read_requests(
+        _prompts_file(tmp_path, [{"prompt": "a cat", "num_images": 20}]), FLAG_DEFAULTS
+    )
     summary = batch.run_job(
         pipe, requests, tmp_path / "out", model=MODEL, dtype="float32", batch_size=16, show_progress=False
     )

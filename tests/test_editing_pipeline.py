@@ -399,10 +399,10 @@ def test_tiled_vae_through_the_pipeline_is_close_to_untiled(sd1):
     pixels = editing.to_model_range(image)[None]
 
     def encode(p):
-        return pipe._encode_image(state, p)
+        return pipe.vae.encode_mean(state, p)
 
     def decode(z):
-        return pipe._decode_latents(state, z)
+        return pipe.vae.decode_raw(state, z)
 
     mean = np.asarray(encode(pixels))
     tiled_mean = tiling.tiled_encode(encode, pixels, tile=32, overlap=8, factor=f)

@@ -1,0 +1,63 @@
+"""Pixels to the U-Net's latents and back: the VAE's encoder mean and decoder, tiled for large images.
+
+Latents here are "as the U-Net sees them": (mean - shift_factor) * scaling_factor of the VAE's encoder
+distribution; `decode` takes raw VAE latents (the compiled program unscales its output itself).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sd_jax import editing, tiling
+
+
+def _encode_mean(graphdef, state, images):
+    return nnx.merge(graphdef, state).encode(images)[0]
+
+
+def _decode(graphdef, state, latents):
+    return nnx.merge(graphdef, state).decode(latents)
+
+
+class LatentCodec:
+    """A VAE (NHWC), with its weights in `state`, as the pipeline's encoder and tiled decoder."""
+
+    def __init__(self, graphdef, config, dtype, factor: int):
+        """Args: config: the VAE's config (scaling_factor, shift_factor); factor: pixels per latent along a side."""
+        self.config = config
+        self.dtype = dtype
+        self.factor = factor
+        self.state = None
+        self.encode_mean = jax.jit(functools.partial(_encode_mean, graphdef))  # (state, (B, H, W, 3)) -> mean
+        self.decode_raw = jax.jit(functools.partial(_decode, graphdef))  # (state, raw latents) -> [-1, 1] pixels
+
+    def encode_image(self, image: np.ndarray, tile: bool | None = None) -> np.ndarray:
+        """Latents (h, w, C) of an image (H, W, 3) uint8 (the distribution's mean: deterministic). Images over a
+        megapixel are encoded in overlapping tiles (`sd_jax.tiling`) unless `tile` says otherwise."""
+        return self.encode(editing.to_model_range(np.asarray(image)), tile)
+
+    def encode(self, pixels: np.ndarray, tile: bool | None = None) -> np.ndarray:
+        """`encode_image` of a model-range image (H, W, 3) in [-1, 1]."""
+        pixels = np.asarray(pixels, np.float32)[None]
+        state = self.state
+        if tile if tile is not None else tiling.needs_tiling(*pixels.shape[1:3]):
+            mean = tiling.tiled_encode(
+                lambda x: self.encode_mean(state, jnp.asarray(x, self.dtype)), pixels, factor=self.factor
+            )
+        else:
+            mean = self.encode_mean(state, jnp.asarray(pixels, self.dtype))
+        mean = np.asarray(mean, np.float32)[0]
+        return (mean - float(self.config.shift_factor or 0.0)) * float(self.config.scaling_factor)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Images (B, H, W, 3) in [0, 1] from raw VAE latents (B, h, w, C), decoded in overlapping tiles."""
+        state = self.state
+        images = tiling.tiled_decode(
+            lambda z: self.decode_raw(state, jnp.asarray(z, self.dtype)), latents, factor=self.factor
+        )
+        return np.clip(np.asarray(images, np.float32) / 2.0 + 0.5, 0.0, 1.0)
