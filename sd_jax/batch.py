@@ -20,20 +20,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
 
 from sd_jax import batch_files, generation, infotext
 from sd_jax.batch_files import BadLine, ImageJob, Request
 from sd_jax.images import save_png_as
 
 _FAILED = ("failed",)  # the group of lines that could not be prepared
-_LINE_ERRORS = (
-    ValueError,
-    OSError,
-)  # a line's own fault (unreadable image, mask size): its images fail, the job goes on
+# A line's own fault (an unreadable image, a mask of another size): its images fail and the job goes on.
+_LINE_ERRORS = (ValueError, OSError)
+
+
+def _message(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 @dataclasses.dataclass
@@ -59,10 +59,6 @@ class Summary:
         )
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def run_job(
     pipe,
     requests: Sequence[Request],
@@ -76,7 +72,6 @@ def run_job(
     batch_size: int | None = None,
     watermark: bool = True,
     show_progress: bool = True,
-    log: Callable[[str], None] = _stderr,
 ) -> Summary:
     """Makes this process's share of the requests' images in `output_dir`, skipping those already there.
 
@@ -175,20 +170,11 @@ def _group_keys(pipe, requests: Sequence[Request]) -> tuple[dict[int, tuple], di
     keys, errors = {}, {}
     for request in requests:
         try:
-            key = pipe.group_key(request.settings, request.init_image, request.mask)
-            if pipe.micro_batch > 1:  # a micro-batch's images share one loop: group by its data too
-                key = (key, _loop_digest(pipe.prepare(request.settings, request.init_image, request.mask, _dry=True)))
-            keys[request.line] = key
+            keys[request.line] = pipe.group_key(request.settings, request.init_image, request.mask)
         except _LINE_ERRORS as e:
             keys[request.line] = _FAILED
-            errors[request.line] = " ".join(str(e).split()) or type(e).__name__
+            errors[request.line] = _message(e)
     return keys, errors
-
-
-def _loop_digest(prepared) -> bytes:
-    import jax
-
-    return b"".join(np.ascontiguousarray(a[0]).tobytes() for a in jax.tree.leaves(prepared.batch.data))
 
 
 def _in_groups(jobs: Sequence[ImageJob], keys: dict[int, tuple]) -> list[list[ImageJob]]:
@@ -218,7 +204,7 @@ def _make(
             try:
                 prepared[line] = pipe.prepare(request.settings, request.init_image, request.mask)
             except _LINE_ERRORS as e:
-                errors[line] = " ".join(str(e).split()) or type(e).__name__
+                errors[line] = _message(e)
         if line in errors:
             failed.append((job, errors[line], 0.0))
         else:

@@ -49,7 +49,12 @@ class Prepared:
 
     @property
     def group_key(self) -> tuple:
-        return self.static, self.batch.shape_key
+        """The program and shapes the request needs; with micro-batches of several images also its loop data (the
+        images of one micro-batch walk one loop: `generation.LoopData`)."""
+        key = (self.static, self.batch.shape_key)
+        if self.static.micro_batch > 1:
+            key += (b"".join(np.ascontiguousarray(a[0]).tobytes() for a in jax.tree.leaves(self.batch.data)),)
+        return key
 
 
 _P = inspect.Parameter
