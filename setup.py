@@ -44,6 +44,7 @@ setup(
         "torch": ["torch==2.13.0"],
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",
             "torch==2.13.0",
             "diffusers==0.42.1",
             "transformers>=5.0",

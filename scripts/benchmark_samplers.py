@@ -16,21 +16,6 @@ flags.DEFINE_list("samplers", [], "Samplers to time (default: all).")
 flags.DEFINE_bool("torch", True, "Also time the diffusers twins in PyTorch.")
 FLAGS = flags.FLAGS
 
-# The diffusers scheduler each sampler is compared with (class name, extra settings); None: no twin.
-TWINS = {
-    "ddim": ("DDIMScheduler", {}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
 
 def main(argv):
     del argv
@@ -40,6 +25,7 @@ def main(argv):
     import torch
     from flax import nnx
 
+    from sd_jax.benchmark import DIFFUSERS_SCHEDULERS as TWINS
     from sd_jax.config import preset
     from sd_jax.convert.params import state_from_torch
     from sd_jax.models import abstract_components

@@ -1,81 +1,125 @@
-"""Times one U-Net evaluation (a sampler step's model call) in sd_jax and in diffusers PyTorch, side by side.
+"""Where a U-Net call's time goes: the whole call and each of its blocks, sd_jax beside diffusers PyTorch.
 
-Both run the same random weights at the same sizes in the same process; the numbers and their ratio are printed.
+Each resnet, transformer, down- and upsampler is timed alone, on the very inputs it receives during a call, with the
+same random weights on both sides; the table sums them by kind and by resolution level.
 
-    python scripts/benchmark_unet.py --config=sd15 --latent_size=32 --batch=2 --iters=5
+    python scripts/benchmark_unet.py --config=sd15 --latent_size=32 --batch=2
 """
 
 import sys
 import time
+from collections import defaultdict
 
 from absl import app, flags
 
 flags.DEFINE_enum("config", "sd15", ["sd15", "sd21_base", "tiny"], "Model preset (architecture only).")
 flags.DEFINE_integer("latent_size", 32, "Latent height and width (image size / 8).")
 flags.DEFINE_integer("batch", 2, "U-Net batch (2 = one image with classifier-free guidance).")
-flags.DEFINE_integer("iters", 5, "Timed iterations after one warm-up.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "sd_jax compute dtype (PyTorch runs float32).")
-flags.DEFINE_bool("torch", True, "Also time diffusers' PyTorch U-Net.")
+flags.DEFINE_integer("iters", 5, "Timed iterations after one warm-up (the fastest counts).")
 FLAGS = flags.FLAGS
 
 
-def _time(fn, iters):
-    fn()  # warm-up (and compilation for JAX)
+def _best(fn, iters):
+    fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times), sum(times) / len(times)
+    return min(times)
 
 
 def main(argv):
     del argv
     import diffusers
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     from flax import nnx
 
+    from sd_jax.cli import quiet_logs
     from sd_jax.config import preset
     from sd_jax.convert.params import state_from_torch
-    from sd_jax.models import abstract_components, resolve_dtype
+    from sd_jax.models import abstract_components
 
+    quiet_logs()
     config = preset(FLAGS.config)
     torch.manual_seed(0)
     torch_unet = diffusers.UNet2DConditionModel(**config.unet.to_dict()).eval()
-    dtype = resolve_dtype(FLAGS.dtype)
-    graph, abstract = abstract_components(config, dtype)["unet"]
-    state = state_from_torch(abstract, {k: v.numpy() for k, v in torch_unet.state_dict().items()}, dtype=dtype)
+    graph, abstract = abstract_components(config)["unet"]
+    state = state_from_torch(abstract, {k: v.numpy() for k, v in torch_unet.state_dict().items()})
+    unet = nnx.merge(graph, state)
 
     rng = np.random.default_rng(0)
     b, s, c = FLAGS.batch, FLAGS.latent_size, config.unet.in_channels
-    x = rng.standard_normal((b, s, s, c)).astype(np.float32)
+    x = rng.standard_normal((b, c, s, s)).astype(np.float32)
     t = np.full((b,), 500.0, np.float32)
     context = rng.standard_normal((b, 77, config.unet.cross_attention_dim)).astype(np.float32)
 
-    @jax.jit
-    def step(state, x, t, context):
-        return nnx.merge(graph, state)(x.astype(dtype), t, context.astype(dtype))
+    # Capture every block's inputs during one PyTorch call.
+    kinds = {"resnets": "resnet", "attentions": "transformer", "downsamplers": "downsample", "upsamplers": "upsample"}
+    captured = {}
+    hooks = []
+    for name, module in torch_unet.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in kinds:
 
-    args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(context))
-    start = time.perf_counter()
-    step(state, *args).block_until_ready()
-    compile_s = time.perf_counter() - start
-    jax_min, jax_mean = _time(lambda: step(state, *args).block_until_ready(), FLAGS.iters)
-    params = sum(p.numel() for p in torch_unet.parameters())
-    print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; torch threads {torch.get_num_threads()}")
-    print(f"U-Net {FLAGS.config}: {params / 1e6:.0f}M parameters, latents {b}x{c}x{s}x{s}, context {b}x77")
-    print(f"sd_jax ({FLAGS.dtype}): min {jax_min * 1e3:.0f} ms, mean {jax_mean * 1e3:.0f} ms", end=" ")
-    print(f"(first call, with compilation: {compile_s:.1f} s)")
-    if FLAGS.torch:
-        tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-        tt, tc = torch.from_numpy(t), torch.from_numpy(context)
+            def hook(module, args, kwargs, name=name):
+                captured[name] = (args, kwargs)
+
+            hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.inference_mode():
+        torch_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context))
+    for h in hooks:
+        h.remove()
+
+    def nhwc(a):
+        a = a.numpy()
+        return jax.numpy.asarray(a.transpose(0, 2, 3, 1) if a.ndim == 4 else a)
+
+    rows = []
+    for name, (args, kwargs) in captured.items():
+        t_module = torch_unet.get_submodule(name)
+        j_module = unet
+        for part in name.split("."):
+            j_module = j_module[int(part)] if part.isdigit() else getattr(j_module, part)
+        kind = kinds[name.split(".")[-2]]
+        hidden = args[0]
+        if kind == "resnet":
+            j_args = (nhwc(hidden), nhwc(args[1] if len(args) > 1 else kwargs["temb"]))
+        elif kind == "transformer":
+            j_args = (nhwc(hidden), nhwc(kwargs["encoder_hidden_states"]))
+        else:
+            j_args = (nhwc(hidden),)
+        g, st = nnx.split(j_module)
+        fn = jax.jit(lambda st, *a, g=g: nnx.merge(g, st)(*a))
+        ours = _best(lambda fn=fn, st=st, a=j_args: fn(st, *a).block_until_ready(), FLAGS.iters)
         with torch.inference_mode():
-            torch_min, torch_mean = _time(lambda: torch_unet(tx, tt, tc).sample, FLAGS.iters)
-        print(f"diffusers PyTorch (float32): min {torch_min * 1e3:.0f} ms, mean {torch_mean * 1e3:.0f} ms")
-        print(f"ratio PyTorch / sd_jax (min): {torch_min / jax_min:.2f}x")
+            theirs = _best(lambda m=t_module, a=args, k=kwargs: m(*a, **k), FLAGS.iters)
+        level = f"{tuple(hidden.shape[2:])}x{hidden.shape[1]}"
+        rows.append((kind, level, name, ours, theirs))
+        print(f"{name:<32} {kind:<12} {level:<14} sd_jax {ours * 1e3:8.1f} ms, PyTorch {theirs * 1e3:8.1f} ms")
+
+    whole = jax.jit(lambda st, *a: nnx.merge(graph, st)(*a))
+    j_whole = (jax.numpy.asarray(x.transpose(0, 2, 3, 1)), jax.numpy.asarray(t), jax.numpy.asarray(context))
+    ours = _best(lambda: whole(state, *j_whole).block_until_ready(), FLAGS.iters)
+    with torch.inference_mode():
+        theirs = _best(
+            lambda: torch_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)), FLAGS.iters
+        )
+    print(f"\ndevice: {jax.devices()[0].device_kind}; torch threads {torch.get_num_threads()}; latents {b}x{c}x{s}x{s}")
+    print("| part | sd_jax ms | PyTorch ms | sd_jax / PyTorch |\n|---|---|---|---|")
+    sums = defaultdict(lambda: [0.0, 0.0])
+    for kind, level, _, a, bt in rows:
+        for key in (kind, f"{kind} {level}"):
+            sums[key][0] += a
+            sums[key][1] += bt
+    total = [sum(r[3] for r in rows), sum(r[4] for r in rows)]
+    for key in sorted(sums):
+        a, bt = sums[key]
+        print(f"| {key} | {a * 1e3:.0f} | {bt * 1e3:.0f} | {a / bt:.2f} |")
+    print(f"| all blocks, timed alone | {total[0] * 1e3:.0f} | {total[1] * 1e3:.0f} | {total[0] / total[1]:.2f} |")
+    print(f"| whole U-Net call | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {ours / theirs:.2f} |")
 
 
 if __name__ == "__main__":

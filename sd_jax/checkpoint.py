@@ -18,13 +18,11 @@ import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.flax import load_file, save_file
 
 from sd_jax.config import ModelConfig
-from sd_jax.convert.params import ConversionError, state_from_flat, state_to_flat
+from sd_jax.convert.params import ConversionError, path_to_name, state_from_flat
+from sd_jax.convert.torch_files import CheckpointError, SafetensorsFile, write_safetensors
 from sd_jax.models import COMPONENTS, abstract_components
 
 FORMAT = "sd_jax"
@@ -55,9 +53,10 @@ def save_converted(
         dtypes = set()
         for name in COMPONENTS:
             (tmp / name).mkdir()
-            flat = state_to_flat(states[name])
+            # Fetched from the device and written one tensor at a time: no host copy of the whole model.
+            flat = {path_to_name(p): v.get_value() for p, v in nnx.to_flat_state(states[name])}
             dtypes |= {str(a.dtype) for a in flat.values()}
-            save_file({k: jnp.asarray(v) for k, v in flat.items()}, str(tmp / name / PARAMS_FILE))
+            write_safetensors(tmp / name / PARAMS_FILE, flat)
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(config.scheduler), indent=2))
@@ -76,7 +75,9 @@ def save_converted(
 def read_converted(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelConfig, dict[str, nnx.State]]:
     """Reads a converted folder's config and parameter states (cast to `dtype`).
 
-    A folder written before configs named their family gets the one its pad token marks (`ModelConfig.from_dict`).
+    Each tensor is read, cast and placed on the device alone (`SafetensorsFile`, `fill_state`): the host holds no
+    second copy of the weights. A folder written before configs named their family gets the one its pad token marks
+    (`ModelConfig.from_dict`).
     """
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text())
@@ -88,10 +89,7 @@ def read_converted(path: str | os.PathLike, dtype=jnp.float32) -> tuple[ModelCon
     for name in COMPONENTS:
         file = path / name / PARAMS_FILE
         try:
-            flat = load_file(str(file))
-        except (SafetensorError, OSError) as e:
+            states[name] = state_from_flat(abstract[name][1], SafetensorsFile(file), dtype=dtype, component=name)
+        except CheckpointError as e:
             raise ConversionError(f"{file}: cannot read parameters ({e})") from None
-        states[name] = state_from_flat(
-            abstract[name][1], {k: np.asarray(v) for k, v in flat.items()}, dtype=dtype, component=name
-        )
     return config, states

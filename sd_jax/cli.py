@@ -1,9 +1,9 @@
 """What the absl scripts share: their common flags, the generate-and-save run, and one-line user errors.
 
 A generation script is `define_script_flags(mode)` (a flag per `GenerationSettings` field of the mode, plus the
-model, output and input-image flags) and `main(mode, FLAGS)`: the settings are checked before the model loads, then
-the images are generated with a progress bar and saved as PNGs with AUTOMATIC1111's `parameters` text, sd_jax's
-JSON settings and the invisible watermark.
+model, output, input-image and --compile_cache flags) and `main(mode, FLAGS)`: the settings are checked before the
+model loads, then the images are generated with a progress bar and saved as PNGs with AUTOMATIC1111's `parameters`
+text, sd_jax's JSON settings and the invisible watermark.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def define_script_flags(mode: str, *, size_default: str = "the model's native si
     flags.DEFINE_string("bpe_vocab", None, "Single files / random:PRESET: CLIP's bpe_simple_vocab_16e6.txt.gz.")
     flags.DEFINE_string("output_dir", "outputs", "Where the PNGs go (existing files are never overwritten).")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
+    _define_compile_cache_flag()
     if mode == "txt2img":
         flags.DEFINE_string("from_png", None, "Regenerate an image from the settings stored in this PNG.")
         flags.DEFINE_bool("list_samplers", False, "List the samplers (name, denoiser calls per step, twin) and exit.")
@@ -89,6 +90,29 @@ def define_script_flags(mode: str, *, size_default: str = "the model's native si
 
 
 _IMAGE_ROLES = {"img2img": "start from", "inpaint": "repaint", "outpaint": "extend", "upscale": "upscale"}
+
+
+def _define_compile_cache_flag(flag_values=None) -> None:
+    from absl import flags
+
+    flags.DEFINE_bool(
+        "compile_cache",
+        True,
+        "Keep compiled programs in JAX's persistent cache for the next run (--nocompile_cache: off); the folder is "
+        "SD_JAX_COMPILE_CACHE if set (0: off), else ~/.cache/sd_jax/jax_cache.",
+        flag_values=flags.FLAGS if flag_values is None else flag_values,
+    )
+
+
+def use_compile_cache(on: bool) -> None:
+    """--compile_cache: turns JAX's persistent compilation cache on (`compile_cache.enable`) or off, before anything
+    compiles; `load` then leaves it as it is."""
+    from sd_jax import compile_cache
+
+    if on:
+        compile_cache.enable()
+    else:
+        compile_cache.disable()
 
 
 def main(mode: str, flags_) -> None:
@@ -213,6 +237,7 @@ def run_script(mode: str, flags_) -> list[str]:
     if flags_.watermark:
         run_or_exit(watermark.check_available)
     run_or_exit(check_inputs, settings, inputs)
+    use_compile_cache(flags_.compile_cache)
     _announce(run["model"])
     pipe = run_or_exit(load, run["model"], run["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
     bar = _ProgressBar()
@@ -257,6 +282,7 @@ def define_batch_flags() -> None:
     flags.DEFINE_string("init_image", None, "The input image of editing lines that give none.")
     flags.DEFINE_string("mask", None, "The mask of inpaint lines that give none.")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
+    _define_compile_cache_flag()
     flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: one per device and micro-batch).")
     flags.DEFINE_integer("micro_batch", 1, "Images per U-Net call on each device (images differ between settings).")
     flags.DEFINE_string(
@@ -297,6 +323,7 @@ def batch_main(flags_) -> None:
     if flags_.micro_batch < 1:
         fail(f"--micro_batch must be a positive integer, got {flags_.micro_batch}")
     run_or_exit(initialize_distributed, flags_.coordinator_address, flags_.num_processes, flags_.process_id)
+    use_compile_cache(flags_.compile_cache)
     import jax
 
     _announce(flags_.model)

@@ -196,11 +196,12 @@ def _sample_and_decode(unet, vae, inputs: dict, context, keys, data: LoopData, s
         extra = interleave(extra, extra)  # both halves of classifier-free guidance see the same conditioning
 
         def unet_fn(x_t, t, c):
-            return unet(jnp.concatenate([x_t, extra], axis=-1).astype(dtype), t, *_unpack(c))
+            return unet(jnp.concatenate([x_t, extra], axis=-1).astype(dtype), t, *_unpack(c)).astype(x_t.dtype)
     else:
 
         def unet_fn(x_t, t, c):
-            return unet(x_t.astype(dtype), t, *_unpack(c))
+            # The U-Net computes in the model's dtype; guidance and the sampler stay in float32.
+            return unet(x_t.astype(dtype), t, *_unpack(c)).astype(x_t.dtype)
 
     guided = classifier_free_guidance(unet_fn, context, data.guidance_scale, data.guidance_rescale)
     denoise = vp_denoiser(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from sd_jax import checkpoint
+from sd_jax import checkpoint, compile_cache
 from sd_jax.config import PRESETS, ModelConfig, preset
 from sd_jax.convert.params import ConversionError
 from sd_jax.convert.readers import MODEL_TYPES, LoadError, convert_diffusers_folder, convert_single_file
@@ -97,8 +97,13 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
 
     Returns:
       A `StableDiffusionPipeline`.
+
+    JAX's persistent compilation cache is turned on (`sd_jax.compile_cache.enable`: SD_JAX_COMPILE_CACHE=0 turns
+    it off) unless JAX was given a cache folder already or told to use none.
     """
     from sd_jax.pipeline import StableDiffusionPipeline
+
+    compile_cache.enable()
 
     pipeline_kwargs = {k: kwargs.pop(k) for k in ("mesh", "micro_batch") if k in kwargs}
     config, states, tokenizer = load_components(path, dtype, **kwargs)

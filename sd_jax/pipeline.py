@@ -233,6 +233,11 @@ class StableDiffusionPipeline:
         (n, H, W, 3) before any mode's finish (`pad_to`: see `generation.Program.run`)."""
         states = {k: self.states[k] for k in ("unet", "vae")}
         out = self.program.run(states, batch, static, progress, pad_to=pad_to)
+        if static.decode and jnp.dtype(self.dtype) == jnp.float16 and not np.isfinite(out).all():
+            # The float16 VAE overflowed inside the program: sample again, keep the latents, and let the codec
+            # decode them (in float32 where float16 overflows).
+            static = dataclasses.replace(static, decode=False)
+            out = self.program.run(states, batch, static, None, pad_to=pad_to)
         pixels = out if static.decode else self.decode_latents(out)
         return (pixels * 255.0).round().astype(np.uint8)
 

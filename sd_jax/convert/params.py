@@ -85,16 +85,22 @@ def fill_state(
     transform: Callable[[str, np.ndarray], np.ndarray],
     dtype=jnp.float32,
     component: str = "model",
+    consume: bool = False,
 ) -> nnx.State:
     """Fills an abstract NNX state from named arrays, consuming every array exactly once.
 
+    One tensor at a time: looked up, put in the target layout and cast to `dtype` on the host, then copied to the
+    device, and the host copy dropped before the next. With a lazy `arrays` (`torch_files.SafetensorsFile`) or
+    `consume`, the host never holds more than a tensor or two beyond what is still to be placed.
+
     Args:
       abstract: the state of `nnx.eval_shape(...)`; gives every target path, shape and variable type.
-      arrays: source name -> array (numpy, any float dtype).
+      arrays: source name -> array (numpy, any float dtype), or a mapping that reads each when it is looked up.
       source_name: the source name of a target path.
       transform: (target leaf name, source array) -> array in the target layout.
       dtype: the floating dtype of the result.
       component: named in errors.
+      consume: pop each array from `arrays` (a dict the caller gives up) once it has been placed.
 
     Raises:
       ConversionError: listing missing keys, unexpected keys and shape mismatches together.
@@ -106,15 +112,24 @@ def fill_state(
     unexpected = sorted(set(arrays) - set(targets))
     mismatched = []
     filled = []
+    host_dtype = np.dtype(dtype)
     for name, (path, variable) in targets.items():
         if name not in arrays:
             continue
-        value = transform(path[-1], np.asarray(arrays[name]))
+        value = transform(path[-1], np.asarray(arrays.pop(name) if consume else arrays[name]))
         expected = tuple(variable.get_value().shape)
         if tuple(value.shape) != expected:
             mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {expected}")
             continue
-        filled.append((path, variable.replace(jnp.asarray(value, dtype=dtype))))
+        if missing or unexpected or mismatched:
+            continue  # an error follows: nothing more is placed, only shapes checked
+        # Cast per tensor on the host: a bfloat16 model never has a float32 copy, and nothing compiles (a device-side
+        # cast compiles a program per shape). astype keeps the source's memory order, so the cast runs over
+        # contiguous memory and the transpose (ascontiguousarray) then moves the smaller dtype. device_put copies:
+        # the device array owns its memory, never a view of a caller's array or of a file mapping.
+        host = np.ascontiguousarray(value.astype(host_dtype, copy=False))
+        filled.append((path, variable.replace(jax.device_put(host))))
+        del value, host
     if missing or unexpected or mismatched:
         parts = [f"{component}: checkpoint does not match the model architecture"]
         if missing:
@@ -127,22 +142,44 @@ def fill_state(
     return nnx.from_flat_state(filled)
 
 
-def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+class RenamedTensors(Mapping):
+    """A state dict seen under other names: `view[new]` is `source[names[new]]`, looked up when asked for (a lazy
+    source stays lazy)."""
+
+    def __init__(self, source: Mapping[str, Any], names: Mapping[str, str]):
+        self._source = source
+        self._names = dict(names)
+
+    def __getitem__(self, name: str):
+        return self._source[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+
+def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """Normalises a transformers CLIPTextModel state dict to the names `CLIPTextModel` expects.
 
     Strips the `text_model.` prefix that hub folders (transformers < 5) carry and drops the
     `embeddings.position_ids` buffer older checkpoints saved (it is always `arange(max_position_embeddings)`).
-    Every other key is kept, so `state_from_torch` reports anything unexpected.
+    Every other key is kept, so `state_from_torch` reports anything unexpected. Only names change: the result is a
+    view (`RenamedTensors`) that reads no tensor before it is looked up.
     """
-    out = {}
-    for name, value in state_dict.items():
-        name = name.removeprefix("text_model.")
+    names = {}
+    for source in state_dict:
+        name = source.removeprefix("text_model.")
         if name == "embeddings.position_ids":
             continue
-        if name in out:
+        if name in names:
             raise ValueError(f"state dict has {name!r} both with and without the 'text_model.' prefix")
-        out[name] = value
-    return out
+        names[name] = source
+    return RenamedTensors(state_dict, names)
 
 
 def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,11 +189,23 @@ def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def state_from_torch(
-    abstract: nnx.State, state_dict: Mapping[str, np.ndarray], *, dtype=jnp.float32, component: str = "model"
+    abstract: nnx.State,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    dtype=jnp.float32,
+    component: str = "model",
+    consume: bool = False,
 ) -> nnx.State:
-    """Fills an abstract NNX state from a PyTorch-named state dict (diffusers / transformers names)."""
+    """Fills an abstract NNX state from a PyTorch-named state dict (diffusers / transformers names); see
+    `fill_state` for `consume`."""
     return fill_state(
-        abstract, state_dict, source_name=torch_name, transform=torch_to_flax_layout, dtype=dtype, component=component
+        abstract,
+        state_dict,
+        source_name=torch_name,
+        transform=torch_to_flax_layout,
+        dtype=dtype,
+        component=component,
+        consume=consume,
     )
 
 

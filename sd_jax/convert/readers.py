@@ -6,14 +6,20 @@
                                the keys, sizes from the shapes, schedule and tokenizer from the matching preset
 
 Both fill the abstract parameter tree directly from the PyTorch arrays, every key and shape checked
-(`params.state_from_torch`), and both decide the model's family (SD 1 / SD 2) here, once.
+(`params.state_from_torch`), and both decide the model's family (SD 1 / SD 2) here, once. Host memory stays near
+the size of the loaded weights: `.safetensors` tensors are read one at a time as they are placed, and a single file's
+tensors, which the layout conversion needs together, are cast to the loaded dtype as they are read and dropped as
+they are placed.
 """
 
 from __future__ import annotations
 
 import json
+from collections import ChainMap
+from collections.abc import Mapping
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -56,20 +62,47 @@ class LoadError(ValueError):
     """A model path that cannot be loaded; the message says why in one line."""
 
 
-def _fill(config: ModelConfig, weights: dict[str, dict[str, np.ndarray]], dtype) -> dict[str, nnx.State]:
-    """Each component's abstract parameter tree filled from its PyTorch-named arrays."""
+def _fill(
+    config: ModelConfig, weights: dict[str, Mapping[str, np.ndarray]], dtype, *, consume: bool = False
+) -> dict[str, nnx.State]:
+    """Each component's abstract parameter tree filled from its PyTorch-named arrays (popped from `weights`' dicts
+    as they are placed with `consume`)."""
     abstract = abstract_components(config, dtype)
     return {
-        name: state_from_torch(abstract[name][1], weights[name], dtype=resolve_dtype(dtype), component=name)
+        name: state_from_torch(
+            abstract[name][1], weights[name], dtype=resolve_dtype(dtype), component=name, consume=consume
+        )
         for name in COMPONENTS
     }
+
+
+class _FloatsAs(Mapping):
+    """A state dict whose floating-point tensors are cast to `dtype` as they are looked up (others as they are)."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], dtype):
+        self._source = source
+        self._dtype = np.dtype(dtype)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = np.asarray(self._source[name])
+        return array.astype(self._dtype, copy=False) if jnp.issubdtype(array.dtype, jnp.floating) else array
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __contains__(self, name) -> bool:
+        return name in self._source
 
 
 # ------------------------------------------------------------------------------------------------- diffusers folder
 
 
-def _component_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
-    """All tensors of one diffusers component folder (single file, sharded index, or an fp16 variant)."""
+def _component_weights(folder: Path, name: str) -> Mapping[str, np.ndarray]:
+    """All tensors of one diffusers component folder (single file, sharded index, or an fp16 variant); a
+    `.safetensors` file's are read when they are looked up."""
     candidates = []
     for base in _WEIGHT_FILES[name]:
         stem, ext = base.rsplit(".", 1)
@@ -80,10 +113,7 @@ def _component_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
             continue
         if candidate.endswith(".index.json"):
             shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
-            out = {}
-            for shard in shards:
-                out.update(read_state_dict(folder / shard))
-            return out
+            return ChainMap(*(read_state_dict(folder / shard) for shard in shards))
         return read_state_dict(file)
     raise LoadError(f"{folder}: no weights found (looked for {', '.join(_WEIGHT_FILES[name])})")
 
@@ -156,7 +186,9 @@ def convert_single_file(
         raise LoadError(
             f"{path}: --model_type={model_type} expects a {_LAYOUT_OF_TYPE[model_type]} checkpoint, found {layout}"
         )
-    components = single_file.split_original(state_dict, layout, use_ema=use_ema)
+    # split_original holds the tensors it uses together: read in the loaded dtype, a float32 file loaded as bfloat16
+    # never has its float32 copy on the host.
+    components = single_file.split_original(_FloatsAs(state_dict, resolve_dtype(dtype)), layout, use_ema=use_ema)
     del state_dict
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     if model_type == "sd21_768_v":
@@ -174,4 +206,4 @@ def convert_single_file(
         pad_token=PAD_TOKENS[family],
     )
     tokenizer = load_tokenizer(None, bpe_path=bpe_vocab, pad_token=config.pad_token)
-    return config, _fill(config, components, dtype), tokenizer
+    return config, _fill(config, components, dtype, consume=True), tokenizer

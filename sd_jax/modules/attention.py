@@ -1,9 +1,23 @@
 """Attention and transformer blocks of the Stable Diffusion U-Net and the VAE mid-block.
 
 Tokens are (B, L, D); feature maps are NHWC. Attribute names follow diffusers so checkpoints map 1:1.
+
+Each attention layer picks its kernel when it is traced, from static shapes and dtypes (`attention_implementation`):
+
+    einsum   one fused einsum softmax product (CPU below the blocking size, TPU)
+    blocked  the same product one head and query block at a time (CPU, large sequences)
+    xla      `jax.nn.dot_product_attention(implementation="xla")` (GPU layers cuDNN does not take)
+    cudnn    cuDNN's flash attention, `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16)
+
+The environment variable SD_JAX_ATTENTION, read once at import, overrides the choice: "auto" (the default, above),
+or one of the four names for every layer it can run (see `attention_implementation`), e.g.
+
+    SD_JAX_ATTENTION=xla python scripts/txt2img.py ...
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,16 +28,53 @@ from sd_jax.modules.layers import GroupNorm, LayerNorm, conv2d, linear
 # On CPU, attention over this many logits per head or more is computed in blocks (see below).
 _CPU_BLOCK_LOGITS = 1 << 21
 
+IMPLEMENTATIONS = ("auto", "einsum", "blocked", "xla", "cudnn")
+# Read once: a layer's kernel is fixed when it is traced, so a later change would not reach compiled programs anyway.
+ATTENTION = os.environ.get("SD_JAX_ATTENTION", "auto").strip().lower()
+
+
+def attention_implementation(
+    head_dim: int, dtype, backend: str, *, logits: int = 0, requested: str | None = None
+) -> str:
+    """The attention kernel of one layer: "einsum", "blocked", "xla" or "cudnn".
+
+    "auto" keeps the einsum product on CPU (blocked from `_CPU_BLOCK_LOGITS` logits per head on) and on TPU. On GPU
+    it takes cuDNN's flash attention for bfloat16/float16 heads of width a multiple of 8 up to 128, which every GPU
+    and cuDNN that JAX supports runs (SD 1.x's 40 and 80, SD 2.x's 64), and XLA's product otherwise (SD 1.x's
+    160-wide heads, float32, the VAE's single 512-wide head). A forced "cudnn" also takes heads up to 256 wide, which
+    needs a Hopper or newer GPU, and runs "xla" where no cuDNN kernel exists (other widths and dtypes, no GPU);
+    "einsum", "blocked" and "xla" run everywhere.
+
+    Args:
+      head_dim: d, the width of one head.
+      dtype: the dtype of q, k and v.
+      backend: `jax.default_backend()`: "cpu", "gpu" or "tpu".
+      logits: B * Lq * Lk, the logits of one head.
+      requested: one of `IMPLEMENTATIONS`; default `ATTENTION` (SD_JAX_ATTENTION).
+    """
+    requested = ATTENTION if requested is None else requested
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"SD_JAX_ATTENTION must be one of {', '.join(IMPLEMENTATIONS)}, got {requested!r}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if requested == "auto":
+        if backend == "gpu":
+            return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+        return "blocked" if backend == "cpu" and logits >= _CPU_BLOCK_LOGITS else "einsum"
+    if requested == "cudnn" and not (backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256):
+        return "xla"
+    return requested
+
 
 def scaled_dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, upcast: bool = False, mask: jax.Array | None = None
 ) -> jax.Array:
-    """Multi-head softmax(q k^T / sqrt(d)) v with float32 logits and softmax.
+    """Multi-head softmax(q k^T / sqrt(d)) v with float32 logits and softmax, by the layer's kernel (see the top).
 
     Args:
-      q: (B, Lq, H*d); k, v: (B, Lk, H*d).
+      q: (B, Lq, H*d); k, v: (B, Lk, H*d), all of one dtype for the "xla" and "cudnn" kernels.
       heads: H.
-      upcast: also cast q and k to float32 before the product (SD 2.x `upcast_attention`, avoids fp16 overflow).
+      upcast: also cast q and k to float32 before the product (SD 2.x `upcast_attention`, avoids fp16 overflow);
+        implied by the "xla" and "cudnn" kernels.
       mask: optional (B, Lk) bool; keys where it is False get exactly zero weight.
 
     Returns:
@@ -32,9 +83,14 @@ def scaled_dot_product_attention(
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // heads
+    implementation = attention_implementation(d, q.dtype, jax.default_backend(), logits=b * lq * lk)
+    if implementation in ("xla", "cudnn"):
+        # Both accumulate q k^T in float32, where the product of two bfloat16 or float16 numbers is exact: `upcast`
+        # would change nothing, and they need q, k and v in one dtype.
+        return _library_attention(q, k, v, heads=heads, mask=mask, implementation=implementation)
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    if jax.default_backend() == "cpu" and b * lq * lk >= _CPU_BLOCK_LOGITS:
+    if implementation == "blocked":
         return _blocked_attention(q, k, v, heads=heads, mask=mask)
     q = q.reshape(b, lq, heads, d)
     k = k.reshape(b, lk, heads, d)
@@ -44,6 +100,31 @@ def scaled_dot_product_attention(
         logits = _mask_logits(logits, mask[:, None, None, :])
     weights = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return out.reshape(b, lq, inner)
+
+
+def _library_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int, mask: jax.Array | None, implementation: str
+) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention`, which also takes float32 logits and softmax.
+
+    The key mask goes in as a (B, 1, Lq, Lk) boolean mask rather than as key lengths, since the keys it keeps need
+    not be a prefix; cuDNN wants it over the whole (Lq, Lk) grid (as a bias), XLA would broadcast it either way.
+    """
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // heads
+    if mask is not None:
+        mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, lq, lk))
+    # JAX's own code mixes bfloat16 with float32 by implicit promotion, which strict promotion (the tests') refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, lq, heads, d),
+            k.reshape(b, lk, heads, d),
+            v.reshape(b, lk, heads, d),
+            mask=mask,
+            implementation=implementation,
+        )
     return out.reshape(b, lq, inner)
 
 
