@@ -76,3 +76,25 @@ def test_finite_float16_decode_is_kept(state16, latents, caplog):
     assert caplog.records == [] and vae._float32 is None
     raw16 = np.asarray(vae.decode_raw(state16, jnp.asarray(latents, jnp.float16)), np.float32)
     np.testing.assert_array_equal(images, np.clip(raw16 / 2.0 + 0.5, 0.0, 1.0))
+
+
+def test_pipeline_samples_again_without_the_overflowing_decode(overflowing16, monkeypatch):
+    """The compiled program decodes images up to a megapixel itself: a float16 overflow there makes the pipeline
+    take the latents instead (a second run of the program with decode off) and decode them through the codec."""
+    import sd_jax
+    from sd_jax.settings import GenerationSettings
+
+    pipe = sd_jax.load("random:tiny", "float16")
+    pipe.states = {**pipe.states, "vae": overflowing16}
+    prepared = pipe.prepare(GenerationSettings(prompt="a cat", height=32, width=32, steps=2))
+    latents = np.random.default_rng(1).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    decoded_in_program = []
+
+    def run(states, batch, static, progress, *, pad_to=0):
+        decoded_in_program.append(static.decode)
+        return np.full((1, 32, 32, 3), np.nan, np.float32) if static.decode else latents
+
+    monkeypatch.setattr(pipe.program, "run", run)
+    pixels = pipe.sample(prepared.batch, prepared.static)
+    assert decoded_in_program == [True, False]
+    np.testing.assert_array_equal(pixels, (pipe.decode_latents(latents) * 255.0).round().astype(np.uint8))
