@@ -142,16 +142,21 @@ def fill_state(
     return nnx.from_flat_state(filled)
 
 
-class RenamedTensors(Mapping):
-    """A state dict seen under other names: `view[new]` is `source[names[new]]`, looked up when asked for (a lazy
-    source stays lazy)."""
+class TensorView(Mapping):
+    """A state dict seen lazily through new names and a dtype: `view[name]` is `source[names[name]]` (all of the
+    source's names when `names` is None), its floating-point tensors cast to `dtype` when one is given; nothing is
+    read before it is looked up (a lazy source stays lazy)."""
 
-    def __init__(self, source: Mapping[str, Any], names: Mapping[str, str]):
+    def __init__(self, source: Mapping[str, Any], names: Mapping[str, str] | None = None, dtype=None):
         self._source = source
-        self._names = dict(names)
+        self._names = dict(names) if names is not None else {name: name for name in source}
+        self._dtype = None if dtype is None else np.dtype(dtype)
 
     def __getitem__(self, name: str):
-        return self._source[self._names[name]]
+        array = self._source[self._names[name]]
+        if self._dtype is not None and jnp.issubdtype(np.asarray(array).dtype, jnp.floating):
+            return np.asarray(array).astype(self._dtype, copy=False)
+        return array
 
     def __iter__(self):
         return iter(self._names)
@@ -169,7 +174,7 @@ def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> Mapping[str, Any]
     Strips the `text_model.` prefix that hub folders (transformers < 5) carry and drops the
     `embeddings.position_ids` buffer older checkpoints saved (it is always `arange(max_position_embeddings)`).
     Every other key is kept, so `state_from_torch` reports anything unexpected. Only names change: the result is a
-    view (`RenamedTensors`) that reads no tensor before it is looked up.
+    view (`TensorView`) that reads no tensor before it is looked up.
     """
     names = {}
     for source in state_dict:
@@ -179,7 +184,7 @@ def clip_state_dict_for_flax(state_dict: Mapping[str, Any]) -> Mapping[str, Any]
         if name in names:
             raise ValueError(f"state dict has {name!r} both with and without the 'text_model.' prefix")
         names[name] = source
-    return RenamedTensors(state_dict, names)
+    return TensorView(state_dict, names)
 
 
 def clip_state_dict_for_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,13 +19,12 @@ from collections import ChainMap
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from sd_jax.config import PAD_TOKENS, SD_SCHEDULER, ModelConfig, family_of_pad_token, preset
 from sd_jax.convert import single_file
-from sd_jax.convert.params import clip_state_dict_for_flax, state_from_torch
+from sd_jax.convert.params import TensorView, clip_state_dict_for_flax, state_from_torch
 from sd_jax.convert.torch_files import read_checkpoint, read_state_dict
 from sd_jax.models import COMPONENTS, abstract_components, resolve_dtype
 from sd_jax.modules.clip_text import CLIPTextConfig
@@ -74,27 +73,6 @@ def _fill(
         )
         for name in COMPONENTS
     }
-
-
-class _FloatsAs(Mapping):
-    """A state dict whose floating-point tensors are cast to `dtype` as they are looked up (others as they are)."""
-
-    def __init__(self, source: Mapping[str, np.ndarray], dtype):
-        self._source = source
-        self._dtype = np.dtype(dtype)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        array = np.asarray(self._source[name])
-        return array.astype(self._dtype, copy=False) if jnp.issubdtype(array.dtype, jnp.floating) else array
-
-    def __iter__(self):
-        return iter(self._source)
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __contains__(self, name) -> bool:
-        return name in self._source
 
 
 # ------------------------------------------------------------------------------------------------- diffusers folder
@@ -188,7 +166,7 @@ def convert_single_file(
         )
     # split_original holds the tensors it uses together: read in the loaded dtype, a float32 file loaded as bfloat16
     # never has its float32 copy on the host.
-    components = single_file.split_original(_FloatsAs(state_dict, resolve_dtype(dtype)), layout, use_ema=use_ema)
+    components = single_file.split_original(TensorView(state_dict, dtype=resolve_dtype(dtype)), layout, use_ema=use_ema)
     del state_dict
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     if model_type == "sd21_768_v":
