@@ -47,6 +47,8 @@ setup(
             "pytest-xdist>=3.5",
             "torch==2.13.0",
             "diffusers==0.42.1",
+            # diffusers' LoRA loading (the reference of sd_jax's) needs its PEFT backend.
+            "peft==0.21.2",
             "transformers>=5.0",
             "ruff>=0.8",
         ],

@@ -2,6 +2,8 @@
 
 python scripts/train.py --model=models/sd15 --data=photos/ --output_dir=runs/mine --resolution=512 --max_steps=2000
 python scripts/train.py --config=shapes64 --component=vae --data=shapes/ --output_dir=runs/vae --resolution=64
+python scripts/train.py --model=models/sd15 --data=photos/ --output_dir=runs/lora --lora_rank=16 --lora_alpha=8
+  (a LoRA: writes runs/lora/lora.safetensors in kohya's format, for diffusers' load_lora_weights and the web UIs)
 Running the same command again resumes from the latest checkpoint in --output_dir.
 """
 
@@ -40,6 +42,9 @@ flags.DEFINE_bool("vae_decoder_only", False, "--component=vae: train the decoder
 flags.DEFINE_bool(
     "standardize_latents", False, "--component=vae: write latents with zero mean, unit std per channel (scale 1)."
 )
+flags.DEFINE_integer("lora_rank", None, "Train a LoRA of this rank on the frozen model; writes lora.safetensors.")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha: the LoRA is scaled by alpha / rank (default: alpha = rank).")
+flags.DEFINE_bool("lora_text_encoder", False, "With --lora_rank: a LoRA on the text encoder too.")
 flags.DEFINE_bool("cache_latents", False, "Encode the images once and train on the cached latents.")
 flags.DEFINE_bool("fsdp", False, "Shard parameters and optimizer state over the devices.")
 flags.DEFINE_integer("seed", 0, "Order, crops, flips, dropped captions, noise and initial weights.")
@@ -59,7 +64,8 @@ _OPTION_FLAGS = (
     "model config data output_dir component train_text_encoder resolution center_crop random_flip caption_dropout "
     "batch_size grad_accum max_steps learning_rate lr_schedule warmup_steps weight_decay max_grad_norm ema_decay "
     "dtype prediction_type snr_gamma noise_offset kl_weight vae_scaling_factor vae_decoder_only standardize_latents "
-    "cache_latents fsdp seed save_every keep log_every sample_every sample_prompts sample_steps num_workers"
+    "lora_rank lora_alpha lora_text_encoder cache_latents fsdp seed save_every keep log_every sample_every "
+    "sample_prompts sample_steps num_workers"
 ).split()
 
 

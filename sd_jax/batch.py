@@ -213,7 +213,8 @@ def _make(
         return failed
     batch = generation.concatenate([prepared[job.line].batch.select([job.index]) for job in parts])
     start = time.perf_counter()
-    pixels = pipe.sample(batch, prepared[parts[0].line].static, pad_to=batch_size)
+    first = prepared[parts[0].line]
+    pixels = pipe.sample(batch, first.static, pad_to=batch_size, loras=first.loras)
     seconds = (time.perf_counter() - start) / len(parts)
     made = [(job, prepared[job.line].finish(pixels[i : i + 1])[0], seconds) for i, job in enumerate(parts)]
     return made + failed

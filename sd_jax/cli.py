@@ -80,6 +80,7 @@ def define_script_flags(mode: str, *, size_default: str = "the model's native si
     flags.DEFINE_string("output_dir", "outputs", "Where the PNGs go (existing files are never overwritten).")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
     _define_compile_cache_flag()
+    _define_network_flags()
     if mode == "txt2img":
         flags.DEFINE_string("from_png", None, "Regenerate an image from the settings stored in this PNG.")
         flags.DEFINE_bool("list_samplers", False, "List the samplers (name, denoiser calls per step, twin) and exit.")
@@ -102,6 +103,29 @@ def _define_compile_cache_flag(flag_values=None) -> None:
         "SD_JAX_COMPILE_CACHE if set (0: off), else ~/.cache/sd_jax/jax_cache.",
         flag_values=flags.FLAGS if flag_values is None else flag_values,
     )
+
+
+def _define_network_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("lora_dir", None, "The folder of LoRA files that <lora:NAME:WEIGHT> and --loras=NAME name.")
+    flags.DEFINE_string("embeddings_dir", None, "The folder of textual-inversion embeddings prompts name.")
+
+
+def check_networks(settings, lora_dir: str | None, embeddings_dir: str | None) -> None:
+    """The checks of a request's LoRAs and folders that need no model: the folders exist, every `<lora:...>` tag is
+    well formed and every LoRA name is a file (the files themselves are checked against the model once loaded)."""
+    from sd_jax.lora import tags
+    from sd_jax.lora.library import LoRALibrary
+
+    if embeddings_dir is not None and not Path(embeddings_dir).is_dir():
+        raise ValueError(f"--embeddings_dir {embeddings_dir}: no such folder")
+    library = LoRALibrary(lora_dir)
+    names = [name for name, _, _ in settings.loras]
+    for text in settings.prompts + settings.negative_prompts:
+        names += [use.name for use in tags.extract(text)[1]]
+    for name in names:
+        library.resolve(name)
 
 
 def use_compile_cache(on: bool) -> None:
@@ -155,11 +179,35 @@ def _apply_png(settings, flags_, run: dict):
     if stored.get("mode", "txt2img") != "txt2img":
         fail(f"{flags_.from_png} was made by {stored['mode']}: --from_png regenerates txt2img images only")
     taken = {k: stored[k] for k in GenerationSettings.fields_for("txt2img") if k in stored}
+    if stored.get("lora_hashes") and flags_.lora_dir:
+        taken = run_or_exit(rename_loras_by_hash, taken, stored["lora_hashes"], flags_.lora_dir)
     settings = run_or_exit(lambda: dataclasses.replace(settings, **{**taken, "num_images": 1}))
     for key in ("model", "dtype"):
         if flags_[key].present == 0 and stored.get(key):
             run[key] = stored[key]
     return settings
+
+
+def rename_loras_by_hash(settings: dict, hashes: Mapping[str, str], lora_dir: str) -> dict:
+    """An image's settings with each `<lora:NAME...>` tag whose NAME the LoRA folder lacks renamed to the folder's
+    file of the same hash (its "Lora hashes"), as the web UI does when it reads an image's parameters."""
+    import re
+
+    from sd_jax.lora.library import LoRALibrary
+
+    library = LoRALibrary(lora_dir)
+    present = library.names()
+    renames = {}
+    for name, digest in hashes.items():
+        if name not in present and (found := library.name_of_hash(digest)) is not None:
+            renames[name] = found
+    out = dict(settings)
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(out.get(key), str):
+            for old, new in renames.items():
+                pattern = rf"<(lora|lyco):{re.escape(old)}(?=[:>])"
+                out[key] = re.sub(pattern, lambda m, new=new: f"<{m.group(1)}:{new}", out[key])
+    return out
 
 
 def check_inputs(settings, inputs: Mapping) -> None:
@@ -237,9 +285,18 @@ def run_script(mode: str, flags_) -> list[str]:
     if flags_.watermark:
         run_or_exit(watermark.check_available)
     run_or_exit(check_inputs, settings, inputs)
+    run_or_exit(check_networks, settings, flags_.lora_dir, flags_.embeddings_dir)
     use_compile_cache(flags_.compile_cache)
     _announce(run["model"])
-    pipe = run_or_exit(load, run["model"], run["dtype"], model_type=flags_.model_type, bpe_vocab=flags_.bpe_vocab)
+    pipe = run_or_exit(
+        load,
+        run["model"],
+        run["dtype"],
+        model_type=flags_.model_type,
+        bpe_vocab=flags_.bpe_vocab,
+        lora_dir=flags_.lora_dir,
+        embeddings_dir=flags_.embeddings_dir,
+    )
     bar = _ProgressBar()
     try:
         images = run_or_exit(pipe.generate, settings, inputs.get("image"), inputs.get("mask"), progress=bar)
@@ -283,6 +340,7 @@ def define_batch_flags() -> None:
     flags.DEFINE_string("mask", None, "The mask of inpaint lines that give none.")
     flags.DEFINE_bool("watermark", True, "Embed the invisible watermark of the original SD scripts (--nowatermark).")
     _define_compile_cache_flag()
+    _define_network_flags()
     flags.DEFINE_integer("batch_size", None, "Images per compiled call (default: one per device and micro-batch).")
     flags.DEFINE_integer("micro_batch", 1, "Images per U-Net call on each device (images differ between settings).")
     flags.DEFINE_string(
@@ -322,6 +380,9 @@ def batch_main(flags_) -> None:
         run_or_exit(watermark.check_available)
     if flags_.micro_batch < 1:
         fail(f"--micro_batch must be a positive integer, got {flags_.micro_batch}")
+    for key in ("lora_dir", "embeddings_dir"):
+        if flags_[key].value is not None and not Path(flags_[key].value).is_dir():
+            fail(f"--{key} {flags_[key].value}: no such folder")
     run_or_exit(initialize_distributed, flags_.coordinator_address, flags_.num_processes, flags_.process_id)
     use_compile_cache(flags_.compile_cache)
     import jax
@@ -335,6 +396,8 @@ def batch_main(flags_) -> None:
         bpe_vocab=flags_.bpe_vocab,
         mesh=batch_mesh(jax.local_devices()),  # each process works alone on its own devices
         micro_batch=flags_.micro_batch,
+        lora_dir=flags_.lora_dir,
+        embeddings_dir=flags_.embeddings_dir,
     )
     process, count = jax.process_index(), jax.process_count()
     if process == 0:

@@ -158,6 +158,9 @@ def infotext_parameters(settings: Mapping, timestep_spacing: str = "leading") ->
     scale = s.get("scale", s.get("upscale"))  # "upscale": the key of earlier sd_jax versions
     if scale is not None:
         params[keys["scale"]] = scale
+    for key, name in (("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes")):
+        if s.get(key):
+            params[name] = ", ".join(f"{alias}: {digest}" for alias, digest in s[key].items())
     if _present(s, "version"):
         params["Version"] = f"sd_jax {s['version']}"
     return params
@@ -298,6 +301,9 @@ def settings_from_infotext(text: str) -> dict:
         settings["width"], settings["height"] = int(size.group(1)), int(size.group(2))
     if "Model hash" in p:
         settings["model_hash"] = p["Model hash"]
+    for key, name in (("lora_hashes", "Lora hashes"), ("ti_hashes", "TI hashes")):
+        if name in p:
+            settings[key] = parse_hashes(p[name])
     if "Model" in p:
         settings["model_name"] = p["Model"]
     if A1111_KEYS["only_masked"] in p:
@@ -305,6 +311,45 @@ def settings_from_infotext(text: str) -> dict:
     if p.get(A1111_KEYS["fill"]) in _FILLS_BY_A1111:
         settings["fill"] = _FILLS_BY_A1111[p[A1111_KEYS["fill"]]]
     return settings
+
+
+def parse_hashes(text: str) -> dict[str, str]:
+    """ "Lora hashes" / "TI hashes" text (`name: hash, name: hash`) as {name: hash}; malformed parts are skipped."""
+    hashes = {}
+    for part in text.split(","):
+        name, sep, digest = part.rpartition(":")
+        if sep and name.strip() and digest.strip():
+            hashes[name.strip()] = digest.strip()
+    return hashes
+
+
+def network_alias(name: str) -> str:
+    """The name a LoRA or embedding goes by in the hashes text: a path's stem, without `:` and `,` (which the
+    text uses as separators), as the web UI writes it."""
+    if Path(name).suffix.lower() in (".safetensors", ".pt", ".ckpt", ".bin", ".pth"):
+        name = Path(name).stem
+    return name.replace(":", "").replace(",", "")
+
+
+def _network_hashes(pipe, settings) -> tuple[dict[str, str], dict[str, str], str]:
+    """A request's "Lora hashes" and "TI hashes" ({alias: short hash}), and its prompt as the web UI would need it
+    to make the same image: its `loras` written as `<lora:...>` tags at the end."""
+    from sd_jax import embeddings, lora
+
+    uses, prompts, negatives = pipe.lora_uses(settings)
+    lora_hashes = {network_alias(use.name): lora.short_hash(pipe.loras.resolve(use.name)) for use in uses}
+    used = pipe.prompts.used_embeddings(prompts + negatives) if pipe.prompts.embeddings is not None else {}
+    ti_hashes = {network_alias(name): embeddings.short_hash(path) for name, path in used.items()}
+    prompt = settings.prompt if isinstance(settings.prompt, str) else settings.prompts[0]
+    tags = [lora_tags_of(name, te, unet) for name, te, unet in settings.loras]
+    return lora_hashes, ti_hashes, " ".join([prompt, *tags]) if tags else prompt
+
+
+def lora_tags_of(name: str, te_weight: float, unet_weight: float) -> str:
+    """The `<lora:...>` tag of a `loras` entry, named by its alias."""
+    from sd_jax.lora.tags import LoRAUse
+
+    return LoRAUse(network_alias(name), te_weight, unet_weight).tag()
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -380,9 +425,12 @@ def image_texts(pipe, settings, images, seeds, *, model: str | None, dtype: str)
     )
     if settings.mode == "txt2img":
         stored.pop("strength")
+    lora_hashes, ti_hashes, a1111_prompt = _network_hashes(pipe, settings)
+    stored.update({k: v for k, v in (("lora_hashes", lora_hashes), ("ti_hashes", ti_hashes)) if v})
     spacing = scheduler_settings(pipe.config.scheduler)["timestep_spacing"]
     texts = []
     for image, seed in zip(images, seeds, strict=True):
         one = {**stored, "seed": seed, "width": image.size[0], "height": image.size[1], "num_images": 1}
-        texts.append({PARAMETERS_KEY: format_infotext(one, spacing), SETTINGS_KEY: json.dumps(one, sort_keys=True)})
+        parameters = format_infotext({**one, "prompt": a1111_prompt}, spacing)
+        texts.append({PARAMETERS_KEY: parameters, SETTINGS_KEY: json.dumps(one, sort_keys=True)})
     return texts

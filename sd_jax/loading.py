@@ -93,7 +93,8 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
       dtype: "float32", "bfloat16" or "float16": the parameter and compute dtype.
       **kwargs: `model_type` (one of MODEL_TYPES), `bpe_vocab`, `use_ema`, `overrides` for single files (see
         `sd_jax.convert.readers.convert_single_file`);
-        `mesh` (default: all local devices) and `micro_batch` for the pipeline.
+        `mesh` (default: all local devices), `micro_batch`, and `lora_dir` / `embeddings_dir` (the folders prompts'
+        `<lora:NAME:WEIGHT>` tags and textual-inversion names refer to) for the pipeline.
 
     Returns:
       A `StableDiffusionPipeline`.
@@ -105,7 +106,11 @@ def load(path: str | os.PathLike | None = None, dtype="float32", **kwargs):
 
     compile_cache.enable()
 
-    pipeline_kwargs = {k: kwargs.pop(k) for k in ("mesh", "micro_batch") if k in kwargs}
+    pipeline_keys = ("mesh", "micro_batch", "lora_dir", "embeddings_dir")
+    pipeline_kwargs = {k: kwargs.pop(k) for k in pipeline_keys if k in kwargs}
+    for key in ("lora_dir", "embeddings_dir"):  # a wrong folder is reported before the weights are read
+        if pipeline_kwargs.get(key) is not None and not Path(pipeline_kwargs[key]).is_dir():
+            raise LoadError(f"--{key} {pipeline_kwargs[key]}: no such folder")
     config, states, tokenizer = load_components(path, dtype, **kwargs)
     if path is None:
         source = str(DEFAULT_MODEL)

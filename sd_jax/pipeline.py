@@ -22,10 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sd_jax import generation, parallel, starts, tiling
+from sd_jax import generation, lora, parallel, starts, tiling
 from sd_jax.conditioning import PromptEncoder
 from sd_jax.config import ModelConfig
+from sd_jax.embeddings import EmbeddingLibrary
 from sd_jax.latents import LatentCodec
+from sd_jax.lora import tags as lora_tags
+from sd_jax.lora.library import LoRALibrary
+from sd_jax.lora.tags import LoRAUse
 from sd_jax.models import abstract_components
 from sd_jax.sampling import samplers, schedules
 from sd_jax.sampling.schedules import scheduler_settings
@@ -46,12 +50,13 @@ class Prepared:
     batch: generation.Batch
     static: generation.StaticSettings
     finish: Callable[[np.ndarray], list[Image.Image]]
+    loras: tuple = ()  # the LoRA files (stamps) and weights its weights need: `StableDiffusionPipeline.lora_key`
 
     @property
     def group_key(self) -> tuple:
-        """The program and shapes the request needs; with micro-batches of several images also its loop data (the
-        images of one micro-batch walk one loop: `generation.LoopData`)."""
-        key = (self.static, self.batch.shape_key)
+        """The program, shapes and weights the request needs; with micro-batches of several images also its loop
+        data (the images of one micro-batch walk one loop: `generation.LoopData`)."""
+        key = (self.static, self.batch.shape_key, self.loras)
         if self.static.micro_batch > 1:
             key += (b"".join(np.ascontiguousarray(a[0]).tobytes() for a in jax.tree.leaves(self.batch.data)),)
         return key
@@ -77,10 +82,14 @@ class StableDiffusionPipeline:
         mesh=None,
         micro_batch: int = 1,
         source: str | None = None,
+        lora_dir: str | os.PathLike | None = None,
+        embeddings_dir: str | os.PathLike | None = None,
     ):
         """Args: micro_batch: images per U-Net call on each device. Images are identical for any batch size and
         device count at the same micro_batch; larger values trade padding for throughput on big accelerators.
-        source: where the weights came from (a path), for the images' metadata."""
+        source: where the weights came from (a path), for the images' metadata.
+        lora_dir: the folder `<lora:NAME:WEIGHT>` names files of (`sd_jax.lora.library`).
+        embeddings_dir: the folder of textual-inversion embeddings prompts name (`sd_jax.embeddings`)."""
         if not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch must be a positive integer, got {micro_batch!r}")
         self.micro_batch = micro_batch
@@ -91,6 +100,9 @@ class StableDiffusionPipeline:
         self.mesh = mesh if mesh is not None else parallel.batch_mesh()
         graphs = {name: graph for name, (graph, _) in abstract_components(config, dtype).items()}
         self.prompts = PromptEncoder(graphs["text_encoder"], None, tokenizer, config.text_encoder, dtype)
+        if embeddings_dir is not None:
+            self.prompts.embeddings = EmbeddingLibrary(embeddings_dir)
+        self.loras = LoRALibrary(lora_dir)
         self.vae = LatentCodec(graphs["vae"], config.vae, dtype, self.latent_factor)
         self.states = states
         self._scheduler = scheduler_settings(config.scheduler)
@@ -98,15 +110,53 @@ class StableDiffusionPipeline:
 
     @property
     def states(self) -> dict:
-        """The components' weights ("text_encoder", "unet", "vae"), replicated over the mesh."""
+        """The components' base weights ("text_encoder", "unet", "vae"), replicated over the mesh; a request's LoRAs
+        are added to them for that request only (`with_loras`)."""
         return self._states
 
     @states.setter
     def states(self, states: dict) -> None:
         replicated = parallel.replicated(self.mesh)
         self._states = {name: jax.device_put(state, replicated) for name, state in states.items()}
+        self._lora_states = ((), self._states)
         self.prompts.state = self._states["text_encoder"]
         self.vae.state = self._states["vae"]
+
+    # -- LoRA ---------------------------------------------------------------------------------------------------------
+    def lora_key(self, uses: Sequence[LoRAUse]) -> tuple:
+        """The files and weights of LoRA uses: ((resolved path, size, mtime), te weight, unet weight) per use with a
+        non-zero weight. Resolving a name that no file has is a one-line `LoRAError`; nothing is read."""
+        return tuple(
+            (self.loras.stamp(use.name), use.te_weight, use.unet_weight)
+            for use in uses
+            if use.te_weight or use.unet_weight
+        )
+
+    def with_loras(self, key: tuple) -> dict:
+        """The weights with the LoRAs of `lora_key` added (the base weights for ()). The last set's are kept, so
+        the images of one LoRA set in a row pay for the addition once; the base weights never change."""
+        if self._lora_states[0] != key:
+            files = [(self.loras.read(stamp[0]), te, unet) for stamp, te, unet in key]
+            self._lora_states = (key, lora.apply_loras(self._states, files) if files else self._states)
+        return self._lora_states[1]
+
+    def lora_uses(self, settings: GenerationSettings) -> tuple[tuple[LoRAUse, ...], list[str], list[str]]:
+        """A request's LoRAs (its `loras`, then its prompts' `<lora:...>` tags) and its prompts without the tags.
+
+        Every prompt of a request shares one set of weights, so its (prompt, negative prompt) pairs must name the
+        same LoRAs; the web UI would apply the first pair's to all, silently."""
+        positives, negatives, named = [], [], None
+        for positive, negative in zip(settings.prompts, settings.negative_prompts, strict=True):
+            positive, uses = lora_tags.extract(positive)
+            negative, negative_uses = lora_tags.extract(negative)
+            uses = lora_tags.merge(uses + negative_uses)
+            if named is not None and set(uses) != set(named):
+                raise ValueError("the prompts of one request name different <lora:...> tags: give each its request")
+            named = uses
+            positives.append(positive)
+            negatives.append(negative)
+        explicit = [lora_tags.LoRAUse(name, te, unet) for name, te, unet in settings.loras]
+        return lora_tags.merge(explicit + list(named or ())), positives, negatives
 
     @property
     def latent_factor(self) -> int:
@@ -168,14 +218,19 @@ class StableDiffusionPipeline:
             channels = self.config.vae.latent_channels
             encode = lambda pixels, tile: np.zeros((pixels.shape[0] // f, pixels.shape[1] // f, channels))  # noqa: E731
         edit_model = starts.EditModel(f, self.native_size, self.config.is_inpainting, encode, self._check_size)
+        uses, prompts, negative_prompts = self.lora_uses(settings)
+        loras = self.lora_key(uses)
         canvas = starts.prepare(settings, image, mask, edit_model)
         n_each = settings.num_images
-        positives = [p for p in settings.prompts for _ in range(n_each)]
-        negatives = [p for p in settings.negative_prompts for _ in range(n_each)]
+        positives = [p for p in prompts for _ in range(n_each)]
+        negatives = [p for p in negative_prompts for _ in range(n_each)]
         n = len(positives)
         if _dry:
             contexts, context_mask = self.prompts.shapes_only(zip(positives, negatives, strict=True))
         else:
+            text_encoder = self.with_loras(loras)["text_encoder"]
+            if self.prompts.state is not text_encoder:
+                self.prompts.state = text_encoder
             contexts, context_mask = self.prompts.contexts(positives, negatives, settings.clip_skip)
         keys = generation.image_keys(range(settings.seed, settings.seed + n))
         shape = (n, self.config.unet.out_channels, canvas.height // f, canvas.width // f)
@@ -219,7 +274,7 @@ class StableDiffusionPipeline:
         )
         key_data = np.asarray(jax.random.key_data(keys.sampler))
         batch = generation.Batch(inputs, contexts, context_mask, key_data, data)
-        return Prepared(settings, batch, static, canvas.finish)
+        return Prepared(settings, batch, static, canvas.finish, loras)
 
     def sample(
         self,
@@ -228,10 +283,13 @@ class StableDiffusionPipeline:
         progress: Callable[[int, int], None] | None = None,
         *,
         pad_to: int = 0,
+        loras: tuple = (),
     ) -> np.ndarray:
         """The compiled call on a batch (one request's, or several requests' concatenated): uint8 pixels
-        (n, H, W, 3) before any mode's finish (`pad_to`: see `generation.Program.run`)."""
-        states = {k: self.states[k] for k in ("unet", "vae")}
+        (n, H, W, 3) before any mode's finish (`pad_to`: see `generation.Program.run`; `loras`: the requests'
+        `Prepared.loras`). LoRAs change the weights the program is given, never the program."""
+        weights = self.with_loras(loras)
+        states = {k: weights[k] for k in ("unet", "vae")}
         out = self.program.run(states, batch, static, progress, pad_to=pad_to)
         if static.decode and jnp.dtype(self.dtype) == jnp.float16 and not np.isfinite(out).all():
             # The float16 VAE overflowed inside the program: sample again, keep the latents, and let the codec
@@ -256,7 +314,7 @@ class StableDiffusionPipeline:
         device's share of the images; total = steps x its images).
         """
         prepared = self.prepare(settings, image, mask, latents=latents)
-        return prepared.finish(self.sample(prepared.batch, prepared.static, progress))
+        return prepared.finish(self.sample(prepared.batch, prepared.static, progress, loras=prepared.loras))
 
     def _request(self, mode: str, prompt, image=None, mask=None, *, latents=None, progress=None, **options):
         settings = GenerationSettings.for_mode(mode, prompt=prompt, **options)

@@ -1,14 +1,21 @@
 """Prompt emphasis as AUTOMATIC1111's web UI reads it: `(word)`, `[word]`, `(word:1.3)`, `BREAK`, 75-token chunks.
 
-Text flows: `parse_emphasis` (text -> pieces with weights) -> `tokenize_weighted` (pieces -> (n_chunks, 77) token
+Text flows: `parse_emphasis` (text -> pieces with weights) -> `tokenize_prompt` (pieces -> (n_chunks, 77) token
 ids and per-token weights) -> the text encoder, once per chunk -> `weighted_mean_restore` (the weights applied to the
 encoder output, each chunk's mean kept). The chunk embeddings are then concatenated along the token axis.
+
+Textual-inversion embeddings (`sd_jax.embeddings`) are found in each piece's tokens as AUTOMATIC1111 finds them: where
+the tokens spell an embedding's name, its n vectors take the place of those tokens, as n ids from `first_extra_id` up
+that the text encoder looks up in a table of the prompt's embedding vectors. An embedding is never split between
+chunks: one that does not fit in what is left of a chunk starts the next.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +31,8 @@ BREAK_WEIGHT = -1.0
 COMMA_TOKEN = ",</w>"
 # `weighted_mean_restore` skips the rescale when a mean is below this fraction of the values' RMS.
 MEAN_RESTORE_MIN = 1e-3
+
+Token = tuple[int, float]  # (token id, weight)
 
 # One lexical unit of a prompt per match, tried in this order:
 #   a backslash and the bracket or backslash it escapes (a lone backslash escapes nothing and vanishes),
@@ -100,27 +109,33 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 
 
 def split_into_chunks(
-    stream: list[tuple[int, float] | None], chunk_length: int, comma_id: int, comma_backtrack: int
-) -> list[list[tuple[int, float]]]:
-    """Cuts a stream of (token id, weight) into chunks of at most `chunk_length` tokens; `None` is a BREAK.
+    stream: Sequence[Token | list[Token] | None], chunk_length: int, comma_id: int, comma_backtrack: int
+) -> list[list[Token]]:
+    """Cuts a stream of (token id, weight) into chunks of at most `chunk_length` tokens; `None` is a BREAK, a list
+    of tokens is an embedding's vectors, which stay together.
 
     A full chunk is closed when one more token arrives. If its last comma is at most `comma_backtrack` tokens
     from its end, it is closed right after that comma instead and the tokens after the comma open the next chunk
     (0 turns this off). A comma that arrives when the chunk is already full opens the next chunk and is not
-    remembered as a break point. A BREAK closes the current chunk, even an empty one.
+    remembered as a break point. A BREAK closes the current chunk, even an empty one. An embedding that does not
+    fit in what is left of the chunk closes it (without looking for a comma, as AUTOMATIC1111 does) and opens the
+    next; one longer than `chunk_length` is a ValueError.
 
     Returns:
       the chunks, unpadded; at least one (an empty stream gives one empty chunk).
     """
-    chunks: list[list[tuple[int, float]]] = []
-    chunk: list[tuple[int, float]] = []
+    chunks: list[list[Token]] = []
+    chunk: list[Token] = []
     last_comma = -1  # index of the last comma in `chunk`
     for item in stream:
         if item is None:
             chunks.append(chunk)
             chunk, last_comma = [], -1
             continue
-        if item[0] == comma_id:
+        tokens = item if isinstance(item, list) else [item]
+        if len(tokens) > chunk_length:
+            raise ValueError(f"an embedding of {len(tokens)} vectors does not fit a chunk of {chunk_length} tokens")
+        if tokens[0][0] == comma_id:
             last_comma = len(chunk)
         elif (
             comma_backtrack > 0
@@ -130,17 +145,17 @@ def split_into_chunks(
         ):
             chunks.append(chunk[: last_comma + 1])
             chunk, last_comma = chunk[last_comma + 1 :], -1
-        if len(chunk) == chunk_length:
+        if len(chunk) + len(tokens) > chunk_length:
             chunks.append(chunk)
             chunk, last_comma = [], -1
-        chunk.append(item)
+        chunk.extend(tokens)
     if chunk or not chunks:
         chunks.append(chunk)
     return chunks
 
 
 def frame_chunk(
-    chunk: list[tuple[int, float]], chunk_length: int, start_id: int, end_id: int, pad_id: int
+    chunk: list[Token], chunk_length: int, start_id: int, end_id: int, pad_id: int
 ) -> tuple[list[int], list[float]]:
     """One chunk as the text encoder takes it: start, tokens, end tokens up to `chunk_length`, end.
 
@@ -159,35 +174,88 @@ def frame_chunk(
     return ids, weights
 
 
-def tokenize_weighted(
+class EmbeddingMatcher(Protocol):
+    """Names that stand for learned vectors (`sd_jax.embeddings.EmbeddingVocabulary` is one)."""
+
+    def match(self, tokens: Sequence[int], position: int) -> tuple[str, int] | None:
+        """The name whose tokens start at `tokens[position]` and how many tokens it spans, or None."""
+        ...
+
+    def vector_count(self, name: str) -> int:
+        """How many vectors (token positions) the name stands for."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPrompt:
+    """A prompt as the text encoder takes it.
+
+    Attributes:
+      ids: (n_chunks, chunk_length + 2) int32 token ids. Ids from `first_extra_id` up are embedding vectors:
+        `id - first_extra_id` indexes the vectors of `embeddings`, concatenated in that order.
+      weights: (n_chunks, chunk_length + 2) float32 emphasis weights.
+      embeddings: the names of the embeddings the prompt uses, in order of first use.
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    embeddings: tuple[str, ...] = ()
+
+
+def tokenize_prompt(
     tokenizer: transformers.PreTrainedTokenizerBase,
     text: str,
     *,
     chunk_length: int = 75,
     comma_backtrack: int = 20,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A prompt with emphasis as token ids and per-token weights, in chunks of `chunk_length` tokens.
+    embeddings: EmbeddingMatcher | None = None,
+    first_extra_id: int | None = None,
+) -> TokenizedPrompt:
+    """A prompt with emphasis and embeddings as token ids and per-token weights, in chunks of `chunk_length` tokens.
 
-    Each piece of `parse_emphasis(text)` is tokenized on its own and its tokens carry its weight. Chunks are cut
-    as `split_into_chunks` describes and framed by `frame_chunk`.
+    Each piece of `parse_emphasis(text)` is tokenized on its own and its tokens carry its weight. Within a piece,
+    each position is tried against `embeddings` (the longest name first); a name found becomes its embedding's
+    vectors, all with the piece's weight, so `(name:1.2)` weights an embedding like any word. A name is not found
+    across pieces (`na(me)` is not `name`). Chunks are cut as `split_into_chunks` describes and framed by
+    `frame_chunk`.
 
     Args:
       tokenizer: a CLIP tokenizer (its start, end and pad tokens and `,</w>` are used).
       text: one prompt.
       chunk_length: text tokens per chunk (75, so that a chunk with start and end is the encoder's 77).
       comma_backtrack: how far back a comma may be to end a full chunk early; 0 disables it.
+      embeddings: the embeddings' names; None finds none.
+      first_extra_id: the id of the first embedding vector: the text encoder's vocabulary size (default: the
+        tokenizer's).
 
-    Returns:
-      (ids, weights): int32 and float32, both (n_chunks, chunk_length + 2).
+    Raises:
+      ValueError: an embedding with more vectors than a chunk holds; whatever `embeddings.vector_count` raises
+        (`sd_jax.embeddings.EmbeddingError` for an unusable file).
     """
     pieces = parse_emphasis(text)
     piece_ids = tokenizer([piece for piece, _ in pieces], add_special_tokens=False, verbose=False)["input_ids"]
-    stream: list[tuple[int, float] | None] = []
+    next_id = len(tokenizer) if first_extra_id is None else first_extra_id
+    slots: dict[str, range] = {}  # embedding name -> its vectors' ids
+    stream: list[Token | list[Token] | None] = []
     for (piece, weight), ids in zip(pieces, piece_ids, strict=True):
         if piece == BREAK and weight == BREAK_WEIGHT:
             stream.append(None)
-        else:
-            stream.extend((int(token), weight) for token in ids)
+            continue
+        position = 0
+        while position < len(ids):
+            found = None if embeddings is None else embeddings.match(ids, position)
+            if found is None:
+                stream.append((int(ids[position]), weight))
+                position += 1
+                continue
+            name, span = found
+            if name not in slots:
+                slots[name] = range(next_id, next_id + embeddings.vector_count(name))
+                next_id = slots[name].stop
+            if len(slots[name]) > chunk_length:
+                raise ValueError(f"embedding {name!r}: {len(slots[name])} vectors, more than a chunk's {chunk_length}")
+            stream.append([(token, weight) for token in slots[name]])
+            position += span
 
     comma_id = tokenizer.convert_tokens_to_ids(COMMA_TOKEN)
     chunks = split_into_chunks(stream, chunk_length, comma_id, comma_backtrack)
@@ -197,7 +265,19 @@ def tokenize_weighted(
     ]
     ids = np.array([chunk_ids for chunk_ids, _ in framed], dtype=np.int32)
     weights = np.array([chunk_weights for _, chunk_weights in framed], dtype=np.float32)
-    return ids, weights
+    return TokenizedPrompt(ids, weights, tuple(slots))
+
+
+def tokenize_weighted(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    text: str,
+    *,
+    chunk_length: int = 75,
+    comma_backtrack: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`tokenize_prompt` without embeddings: (ids, weights), int32 and float32, both (n_chunks, chunk_length + 2)."""
+    tokens = tokenize_prompt(tokenizer, text, chunk_length=chunk_length, comma_backtrack=comma_backtrack)
+    return tokens.ids, tokens.weights
 
 
 def weighted_mean_restore(z: jax.Array | np.ndarray, weights: jax.Array | np.ndarray) -> jax.Array:

@@ -56,6 +56,11 @@ class GenerationSettings:
     seed: int = _field(0, "Image i uses seed + i.", a1111="Seed")
     num_images: int = _field(1, "Images per prompt.")
     clip_skip: int = _field(1, "1: the text encoder's last layer; 2: the penultimate; ...", a1111="Clip skip")
+    loras: tuple[tuple[str, float, float], ...] = _field(
+        (),
+        "LoRA files: NAME[:WEIGHT[:UNET_WEIGHT]], NAME a file of --lora_dir or a path; repeat the flag for several "
+        "(as <lora:NAME:WEIGHT> in the prompt).",
+    )
     strength: float | None = _field(
         None, "How much of the schedule runs, in [0, 1]; 1 starts from pure noise.", IMAGE_MODES, "Denoising strength"
     )
@@ -84,6 +89,7 @@ class GenerationSettings:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "loras", _lora_entries(self.loras))
 
     # -- what applies where --------------------------------------------------------------------------------------
     @staticmethod
@@ -162,6 +168,15 @@ class GenerationSettings:
             raise ValueError(f"seed must be an integer in [0, 2**32 - num_images], got {self.seed!r}")
         if not _positive_int(self.clip_skip):
             raise ValueError(f"clip_skip must be a positive integer, got {self.clip_skip!r}")
+        for entry in self.loras:
+            if not (
+                isinstance(entry, tuple)
+                and len(entry) == 3
+                and isinstance(entry[0], str)
+                and entry[0]
+                and all(_real(w) and math.isfinite(w) for w in entry[1:])
+            ):
+                raise ValueError(f"loras entries are NAME[:WEIGHT[:UNET_WEIGHT]] or (name, weight), got {entry!r}")
         if self.strength is not None:
             check_strength(self.strength)
         self._check_mode_options()
@@ -207,6 +222,7 @@ class GenerationSettings:
         out = {"mode": self.mode}
         for name, value in self.options().items():
             out[name] = list(value) if isinstance(value, tuple) else value
+        out["loras"] = [list(entry) for entry in self.loras]
         return out
 
     @classmethod
@@ -297,6 +313,8 @@ def define_flags(mode: str | None, flag_values=None, *, size_default: str = "the
             help += f" ({', '.join(_modes(f))})"
         if name == "prompt":
             flags.DEFINE_string(name, None, help, flag_values=fv)
+        elif name == "loras":
+            flags.DEFINE_multi_string(name, [], help, flag_values=fv)
         elif f.type in ("bool", "bool | None"):
             flags.DEFINE_bool(name, default, help, flag_values=fv)
         elif f.type in ("int", "int | None"):
@@ -313,6 +331,39 @@ def from_flags(mode: str, flag_values) -> GenerationSettings:
     if options["prompt"] is None:
         options["prompt"] = ""
     return GenerationSettings.for_mode(mode, **options)
+
+
+def parse_lora_entry(text: str) -> tuple[str, float, float]:
+    """`NAME[:WEIGHT[:UNET_WEIGHT]]` (a --loras flag) as (name, text encoder weight, U-Net weight); the name may
+    hold colons (a path): only trailing numbers are weights."""
+    parts = text.split(":")
+    weights: list[float] = []
+    while len(parts) > 1 and len(weights) < 2:
+        try:
+            weight = float(parts[-1])
+        except ValueError:
+            break
+        weights.insert(0, weight)
+        parts.pop()
+    te = weights[0] if weights else 1.0
+    return ":".join(parts), te, weights[1] if len(weights) > 1 else te
+
+
+def _lora_entries(value) -> Any:
+    """`loras` as (name, te weight, unet weight) tuples, from strings (`parse_lora_entry`), (name,), (name, weight)
+    or (name, te, unet) sequences; anything else is kept for `validate` to name."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return value
+    entries = []
+    for entry in value:
+        if isinstance(entry, str):
+            entry = parse_lora_entry(entry)
+        elif isinstance(entry, Sequence) and 1 <= len(entry) <= 3:
+            entry = tuple(entry)
+            if len(entry) < 3:
+                entry = (entry[0], *([1.0] if len(entry) == 1 else [entry[1]]) * 2)
+        entries.append(entry)
+    return tuple(entries)
 
 
 def _check_mode(mode: str) -> None:

@@ -139,6 +139,7 @@ def test_parse_real_a1111_text():
         "height": 768,
         "model_hash": "6ce0161689",
         "model_name": "v1-5-pruned-emaonly",
+        "lora_hashes": {"a": "123", "b": "456"},
     }
 
 

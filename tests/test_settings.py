@@ -24,6 +24,7 @@ FIELDS = [f.name for f in dataclasses.fields(GenerationSettings)]
 # Fields AUTOMATIC1111's parameter line has no key for (prompts have lines of their own, the size is "Size").
 NOT_IN_A1111 = {"mode", "prompt", "negative_prompt", "height", "width", "guidance_rescale", "num_images", "tile"}
 NOT_IN_A1111 |= {"left", "right", "top", "bottom", "seam"}
+NOT_IN_A1111 |= {"loras"}  # written as <lora:...> tags in the prompt, with "Lora hashes"
 # Not settings: what a pipeline call starts from, and how it reports.
 PIPELINE_INPUTS = {"image", "mask", "latents", "progress"}
 
@@ -44,6 +45,7 @@ def _changed(name: str, mode: str):
         "seed": 1234,
         "num_images": 3,
         "clip_skip": 2,
+        "loras": (("style", 0.5, 0.5), ("loras/b.safetensors", 1.0, 2.0)),
         "strength": 0.45,
         "mask_blur": 2.0,
         "only_masked": True,
@@ -87,7 +89,10 @@ def test_flags_are_the_fields(mode):
     full = _full(mode)
     args = []
     for name, value in full.options().items():
-        args.append(f"--{name}" if value is True else f"--{name}={value}")
+        if name == "loras":
+            args += [f"--loras={lora}:{te}:{unet}" for lora, te, unet in value]
+        else:
+            args.append(f"--{name}" if value is True else f"--{name}={value}")
     values = flags.FlagValues()
     define_flags(mode, values)
     values(["prog", *args])

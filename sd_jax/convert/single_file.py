@@ -273,6 +273,14 @@ def _unet_table(layout: _Layout) -> list[Rename]:
 # ------------------------------------------------------------------------------------------------------------- VAE
 
 
+def original_unet_weight_names(diffusers_keys: Iterable[str]) -> dict[str, str]:
+    """The original-layout (CompVis) name of each U-Net weight, by its diffusers name, for a U-Net of these diffusers
+    keys: `input_blocks.1.1.proj_in.weight` for `down_blocks.0.attentions.0.proj_in.weight`, ... (LoRA files name
+    modules either way). Only one-to-one renames are listed (no fused or split tensors)."""
+    table = _unet_table(_Layout(frozenset(diffusers_keys), original=False))
+    return {rule.targets[0]: rule.source for rule in table if len(rule.targets) == 1}
+
+
 def _vae_resnet(layout: _Layout, src: str, dst: str) -> list[Rename]:
     table = _module(src, dst, _VAE_RESNET)
     if layout.has(f"{src}.nin_shortcut", f"{dst}.conv_shortcut"):

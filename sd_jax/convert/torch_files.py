@@ -111,6 +111,9 @@ class SafetensorsFile(Mapping):
         if not isinstance(header, dict):
             raise self._error("the header is not a JSON object")
         self._start = 8 + header_bytes
+        metadata = header.get("__metadata__") or {}
+        # The header's free-form strings (kohya's `ss_*` fields, diffusers' LoRA adapter config, ...).
+        self.metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
         self._tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         for name, entry in header.items():
             if name == "__metadata__":

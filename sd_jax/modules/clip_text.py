@@ -144,11 +144,24 @@ class CLIPTextEmbeddings(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        """(B, L) int -> (B, L, D)."""
+    def __call__(self, input_ids: jax.Array, extra_embeddings: jax.Array | None = None) -> jax.Array:
+        """(B, L) int -> (B, L, D).
+
+        Args:
+          input_ids: token ids; with `extra_embeddings`, an id v + k (v the vocabulary size) is row k of that table.
+          extra_embeddings: optional (K, D) vectors that extend the vocabulary (textual-inversion embeddings). The
+            table is an argument, not a parameter: new values of the same shape need no new compilation.
+        """
         length = input_ids.shape[-1]
         positions = self.position_embedding(jnp.arange(length, dtype=jnp.int32))
-        return self.token_embedding(input_ids) + positions[None]
+        if extra_embeddings is None:
+            return self.token_embedding(input_ids) + positions[None]
+        vocab_size = self.token_embedding.num_embeddings
+        is_extra = input_ids >= vocab_size
+        tokens = self.token_embedding(jnp.where(is_extra, 0, input_ids))
+        rows = jnp.clip(input_ids - vocab_size, 0, extra_embeddings.shape[0] - 1)
+        extra = jnp.take(extra_embeddings.astype(tokens.dtype), rows, axis=0)
+        return jnp.where(is_extra[..., None], extra, tokens) + positions[None]
 
 
 class CLIPAttention(nnx.Module):
@@ -253,26 +266,36 @@ class CLIPTextModel(nnx.Module):
                 f"{self.config.max_position_embeddings}"
             )
 
-    def _run(self, input_ids: jax.Array, num_layers: int) -> list[jax.Array]:
+    def _check_extra(self, extra_embeddings: jax.Array | None) -> None:
+        d = self.config.hidden_size
+        if extra_embeddings is not None and (extra_embeddings.ndim != 2 or extra_embeddings.shape[1] != d):
+            raise ValueError(f"extra_embeddings must be (K, {d}), got shape {extra_embeddings.shape}")
+
+    def _run(self, input_ids: jax.Array, num_layers: int, extra_embeddings: jax.Array | None) -> list[jax.Array]:
         self._check_ids(input_ids)
-        x = self.embeddings(input_ids).astype(self.dtype)
+        self._check_extra(extra_embeddings)
+        x = self.embeddings(input_ids, extra_embeddings).astype(self.dtype)
         states = [x]
         for layer in self.encoder.layers[:num_layers]:
             x = layer(x)
             states.append(x)
         return states
 
-    def hidden_states(self, input_ids: jax.Array) -> list[jax.Array]:
+    def hidden_states(self, input_ids: jax.Array, extra_embeddings: jax.Array | None = None) -> list[jax.Array]:
         """All hidden states before the final layer norm: [embeddings, layer 1 output, ..., layer N output]."""
-        return self._run(input_ids, self.config.num_hidden_layers)
+        return self._run(input_ids, self.config.num_hidden_layers, extra_embeddings)
 
-    def __call__(self, input_ids: jax.Array, *, clip_skip: int = 1) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, *, clip_skip: int = 1, extra_embeddings: jax.Array | None = None
+    ) -> jax.Array:
         """Text embeddings for the U-Net.
 
         Args:
           input_ids: (B, L) integer token ids, L <= max_position_embeddings.
           clip_skip: static; 1 gives the usual last_hidden_state, 2 the penultimate layer's output through the
             final layer norm (AUTOMATIC1111's "CLIP skip"), and so on. The layers after it are not computed.
+          extra_embeddings: optional (K, D) token vectors (textual-inversion embeddings) that ids from vocab_size up
+            index (see `CLIPTextEmbeddings`); None leaves the program as it is without them.
 
         Returns:
           (B, L, D) in the compute dtype: final_layer_norm(hidden_states[-clip_skip]).
@@ -280,5 +303,5 @@ class CLIPTextModel(nnx.Module):
         n = self.config.num_hidden_layers
         if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= n:
             raise ValueError(f"clip_skip must be an int in [1, {n}] (the number of layers), got {clip_skip!r}")
-        x = self._run(input_ids, n + 1 - clip_skip)[-1]
+        x = self._run(input_ids, n + 1 - clip_skip, extra_embeddings)[-1]
         return _layer_norm(self.final_layer_norm, x)

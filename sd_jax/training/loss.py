@@ -22,6 +22,7 @@ from sd_jax.config import ModelConfig
 from sd_jax.convert.params import path_to_name
 from sd_jax.models import abstract_components
 from sd_jax.sampling.schedules import alphas_cumprod
+from sd_jax.training.lora import apply_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +141,19 @@ def vae_loss(vae, batch: dict, key: jax.Array, kl_weight: float) -> tuple[jax.Ar
 
 
 def make_loss_fn(
-    config: ModelConfig, settings: DiffusionSettings, *, component: str = "unet", kl_weight: float = 1e-6, dtype=None
+    config: ModelConfig,
+    settings: DiffusionSettings,
+    *,
+    component: str = "unet",
+    kl_weight: float = 1e-6,
+    dtype=None,
+    lora_scale: float | None = None,
 ):
     """`loss_fn(params, frozen, batch, key) -> (loss, metrics)` of a model: the VAE loss for component "vae", else
     the denoiser loss. params / frozen: `{component: {"path.to.leaf": array}}`, merged per component (the trained
-    leaves over the frozen ones); dtype: the compute dtype (default float32)."""
+    leaves over the frozen ones); dtype: the compute dtype (default float32). lora_scale: params are LoRA trees
+    (`sd_jax.training.lora`) over complete frozen components, each kernel W + lora_scale * down @ up, in float32
+    before the cast to the compute dtype."""
     dtype = jnp.float32 if dtype is None else dtype
     graphs = abstract_components(config, dtype)
     acp = jnp.asarray(alphas_cumprod(config.scheduler), jnp.float32)
@@ -153,8 +162,13 @@ def make_loss_fn(
         graph, abstract = graphs[name]
         return merge(graph, abstract, flat, dtype=dtype)
 
+    def combine(frozen: dict, trained: dict) -> dict:
+        if lora_scale is None:
+            return {**frozen, **trained}
+        return apply_lora(frozen, trained, lora_scale)
+
     def loss_fn(params: dict, frozen: dict, batch: dict, key: jax.Array):
-        flat = {n: {**frozen.get(n, {}), **params.get(n, {})} for n in {*frozen, *params}}
+        flat = {n: combine(frozen.get(n, {}), params.get(n, {})) for n in {*frozen, *params}}
         if component == "vae":
             return vae_loss(module("vae", flat["vae"]), batch, key, kl_weight)
         vae = None if "moments" in batch else module("vae", flat["vae"])

@@ -24,7 +24,8 @@ class TrainOptions:
       model: what to fine-tune (anything `sd_jax.load` reads); or None with `config` to train from scratch.
       config: a preset name from `configs/` (random weights), when training from scratch.
       data: a folder of images with same-name .txt captions, or a .jsonl / .csv of (image, caption).
-      output_dir: checkpoints, logs, sample grids and the final `model/` folder; running again resumes.
+      output_dir: checkpoints, logs, sample grids and the final `model/` folder (a LoRA run: `lora.safetensors`);
+        running again resumes.
       component: "unet" (the denoiser, optionally with the text encoder) or "vae" (the autoencoder alone).
       batch_size: examples per optimizer step over all devices and hosts, before gradient accumulation.
       grad_accum: micro-batches of `batch_size` summed into one optimizer step.
@@ -40,6 +41,10 @@ class TrainOptions:
       standardize_latents: a VAE run writes a model whose latent channels have zero mean and unit std over the
         training data (`latent_space.standardize_vae`: an exact reparametrization, scaling_factor 1); only the
         written model changes, not the training.
+      lora_rank: train LoRA matrices of this rank on the frozen U-Net (`sd_jax.training.lora`) and write
+        `lora.safetensors` (kohya format) instead of the `model/` folder.
+      lora_alpha: the LoRA scale is lora_alpha / lora_rank (None: alpha = rank, scale 1).
+      lora_text_encoder: also train LoRA matrices on the text encoder.
     """
 
     output_dir: str
@@ -72,6 +77,9 @@ class TrainOptions:
     vae_scaling_factor: float | None = None
     vae_decoder_only: bool = False
     standardize_latents: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_text_encoder: bool = False
     cache_latents: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -99,6 +107,17 @@ class TrainOptions:
             raise ValueError("--cache_latents needs --component=unet (the VAE itself is what trains)")
         if self.cache_latents and not self.center_crop:
             raise ValueError("--cache_latents needs --center_crop (a random crop changes the latents every epoch)")
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_text_encoder):
+            raise ValueError("--lora_alpha and --lora_text_encoder need --lora_rank")
+        if self.lora_rank is not None:
+            if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise ValueError(f"--lora_rank must be a positive integer, got {self.lora_rank}")
+            if self.lora_alpha is not None and not self.lora_alpha > 0:
+                raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+            if self.component != "unet":
+                raise ValueError("--lora_rank needs --component=unet (LoRA covers the U-Net and the text encoder)")
+            if self.train_text_encoder:
+                raise ValueError("--train_text_encoder trains every weight; with --lora_rank use --lora_text_encoder")
         if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         for name in ("batch_size", "grad_accum", "max_steps", "save_every", "keep", "log_every", "num_workers"):
@@ -137,6 +156,18 @@ class TrainOptions:
         if self.model is not None and not Path(self.model).exists():
             raise FileNotFoundError(f"--model {self.model}: no such file or folder")
         return self
+
+    @property
+    def lora_network_alpha(self) -> float | None:
+        """The LoRA's alpha: --lora_alpha, or the rank when not given (None without LoRA)."""
+        if self.lora_rank is None:
+            return None
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    @property
+    def lora_scale(self) -> float | None:
+        """alpha / rank, the factor of a LoRA's down @ up (None without LoRA)."""
+        return None if self.lora_rank is None else self.lora_network_alpha / self.lora_rank
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -6,6 +6,8 @@ output_dir/latents.npy       the VAE latent cache (with --cache_latents)
 output_dir/log.jsonl         one line per `log_every` steps: loss, learning rate, steps/s, examples/s
 output_dir/samples/          a PNG grid of the sample prompts every `sample_every` steps
 output_dir/model/            the trained model as a converted folder (EMA weights with EMA), for sd_jax.load
+output_dir/lora.safetensors  a LoRA run (--lora_rank) writes its LoRA in kohya's format instead of model/ (the base
+                             model is unchanged; EMA weights with EMA); its checkpoints hold only the LoRA matrices
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sd_jax.loading import load_components
 from sd_jax.models import abstract_components, random_components, resolve_dtype
 from sd_jax.parallel import batch_mesh
 from sd_jax.tokenizer import load_tokenizer
-from sd_jax.training import latent_space
+from sd_jax.training import latent_space, lora
 from sd_jax.training import loss as losses
 from sd_jax.training import step as steps
 from sd_jax.training.checkpoints import Checkpoints
@@ -89,9 +91,10 @@ def model_start(options: TrainOptions) -> tuple[ModelConfig, dict, object]:
 
 
 def trained_components(options: TrainOptions) -> tuple[str, ...]:
+    """The components whose weights change (through a LoRA in a LoRA run)."""
     if options.component == "vae":
         return ("vae",)
-    return ("unet", "text_encoder") if options.train_text_encoder else ("unet",)
+    return ("unet", "text_encoder") if options.train_text_encoder or options.lora_text_encoder else ("unet",)
 
 
 def _host(tree):
@@ -105,6 +108,7 @@ def _host(tree):
 
 
 _DECODER = ("decoder.", "post_quant_conv.")
+LORA_FILE = "lora.safetensors"
 
 
 class Trainer:
@@ -138,6 +142,7 @@ class Trainer:
         self.graphs = abstract_components(self.config, self.compute_dtype)
         self.trained = trained_components(options)
         self.states = states  # float32 nnx states of every component (the frozen ones are used as they are)
+        self._train_step = None
         self.diffusion = losses.DiffusionSettings(
             prediction_type=self.config.prediction_type,
             snr_gamma=options.snr_gamma,
@@ -151,6 +156,7 @@ class Trainer:
             component=options.component,
             kl_weight=options.kl_weight,
             dtype=self.compute_dtype,
+            lora_scale=options.lora_scale,
         )
         self.local_batch = options.batch_size // processes
         if options.batch_size % processes:
@@ -164,7 +170,11 @@ class Trainer:
         trained = _host(state.ema if state.ema is not None else state.params)
         states = dict(self.states)
         for name in self.trained:
-            states[name] = self._state_from_flat(name, self._full_flat(name, trained[name]))
+            if self.options.lora_rank is None:
+                flat = self._full_flat(name, trained[name])
+            else:
+                flat = lora.apply_lora(_flat(self.states[name]), trained[name], self.options.lora_scale)
+            states[name] = self._state_from_flat(name, flat)
         return states
 
     def _state_from_flat(self, name: str, flat: dict):
@@ -287,25 +297,67 @@ class Trainer:
             checkpoint.save_converted(self.out / "model", config, states, self.tokenizer, overwrite=True)
         return self.out / "model"
 
+    def write_lora(self, state: steps.TrainState) -> Path:
+        """A LoRA run's result as a kohya-format `output_dir/lora.safetensors` (the EMA's LoRA when EMA is on)."""
+        o, path = self.options, self.out / LORA_FILE
+        trained = _host(state.ema if state.ema is not None else state.params)
+        if jax.process_index() == 0:
+            metadata = lora.kohya_metadata(
+                rank=o.lora_rank,
+                alpha=o.lora_network_alpha,
+                family=self.config.family,
+                v_prediction=self.config.prediction_type == "v_prediction",
+                sd_model_name=Path(o.model).name if o.model is not None else o.config,
+                steps=int(jax.device_get(state.step)),
+                learning_rate=o.learning_rate,
+                resolution=(o.resolution, o.resolution),
+                network_train_unet_only=not o.lora_text_encoder,
+            )
+            lora.write_kohya_lora(path, trained, alpha=o.lora_network_alpha, metadata=metadata)
+        return path
+
+    def write_output(self, state: steps.TrainState) -> Path:
+        """The run's result: the LoRA file of a LoRA run, else the model folder."""
+        return self.write_model(state) if self.options.lora_rank is None else self.write_lora(state)
+
+    def start_params(self) -> tuple[dict, dict]:
+        """(trained, frozen) flat parameter trees at step 0, `{component: {"path.to.leaf": array}}`: the trained
+        weights (fresh LoRA matrices in a LoRA run) and the weights the loss reads but never changes."""
+        o = self.options
+
+        def device_flat(name: str) -> dict:
+            return {k: jnp.asarray(v) for k, v in _flat(self.states[name]).items()}
+
+        needed = ["vae"] if o.component == "vae" else ["text_encoder", "unet", "vae"]
+        if o.cache_latents:
+            needed.remove("vae")  # the cached latents stand for the VAE
+        if o.lora_rank is not None:
+            # A LoRA run trains new matrices on top of every component, all of whose weights stay frozen.
+            params = {}
+            for index, name in enumerate(self.trained):
+                shapes = {k: tuple(v.shape) for k, v in _flat(self.states[name]).items()}
+                targets = lora.lora_targets(name, shapes)
+                fresh = lora.init_lora(shapes, targets, o.lora_rank, seed=(o.seed, index))
+                params[name] = {k: jnp.asarray(v) for k, v in fresh.items()}
+            return params, {n: device_flat(n) for n in needed}
+        params = {name: device_flat(name) for name in self.trained}
+        frozen = {n: device_flat(n) for n in needed if n not in self.trained}
+        if o.vae_decoder_only:
+            # The encoder (and so the latent space a U-Net was trained on) stays as it is.
+            frozen["vae"] = {k: v for k, v in params["vae"].items() if not k.startswith(_DECODER)}
+            params["vae"] = {k: v for k, v in params["vae"].items() if k.startswith(_DECODER)}
+        return params, frozen
+
     # ----------------------------------------------------------------------------------------------------------
     def run(self, *, stop_after: int | None = None) -> steps.TrainState:
-        """Trains from the latest checkpoint (or step 0) to `max_steps`; writes the model folder at the end.
+        """Trains from the latest checkpoint (or step 0) to `max_steps`; writes the model folder (or the LoRA file)
+        at the end.
 
         stop_after: return after this many steps of this call (tests), without writing the model.
         """
         o = self.options
         tx = steps.make_optimizer(o)
-        params = {name: {k: jnp.asarray(v) for k, v in _flat(self.states[name]).items()} for name in self.trained}
-        frozen_names = [n for n in ("text_encoder", "unet", "vae") if n not in self.trained]
-        if o.component == "vae":
-            frozen_names = []  # the VAE loss uses the VAE alone
-        elif o.cache_latents:
-            frozen_names = [n for n in frozen_names if n != "vae"]
-        frozen = {n: {k: jnp.asarray(v) for k, v in _flat(self.states[n]).items()} for n in frozen_names}
-        if o.vae_decoder_only:
-            # The encoder (and so the latent space a U-Net was trained on) stays as it is.
-            frozen["vae"] = {k: v for k, v in params["vae"].items() if not k.startswith(_DECODER)}
-            params["vae"] = {k: v for k, v in params["vae"].items() if k.startswith(_DECODER)}
+        params, frozen = self.start_params()
         make = functools.partial(steps.init_state, tx=tx, seed=o.seed, ema=o.ema_decay is not None)
         abstract = jax.eval_shape(make, params)
         shardings = steps.state_shardings(abstract, self.mesh, o.fsdp)
@@ -322,9 +374,10 @@ class Trainer:
             log.info("resuming from step %d", latest)
         del params
         frozen = jax.device_put(frozen, frozen_shardings)
-        train_step = steps.jit_train_step(
-            steps.make_train_step(self.loss_fn, tx, o), shardings, frozen_shardings, self.mesh
-        )
+        if self._train_step is None:  # once per Trainer: a second run() (a resume) reuses the compiled program
+            step_fn = steps.make_train_step(self.loss_fn, tx, o)
+            self._train_step = steps.jit_train_step(step_fn, shardings, frozen_shardings, self.mesh)
+        train_step = self._train_step
         start = int(jax.device_get(state.step))
         self._trim_log(start)
         pipe = None
@@ -377,7 +430,7 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if stop_after is not None and done >= stop_after:
                     return state
-            self.write_model(state)  # also after a resume that had nothing left to do: the folder shows this step
+            self.write_output(state)  # also after a resume that had nothing left to do: the folder shows this step
         finally:
             bar.close()
             prefetch.shutdown(wait=True, cancel_futures=True)
@@ -433,12 +486,12 @@ def latent_cache_digest(dataset: Dataset, vae_flat: dict) -> str:
 
 
 def train(options: TrainOptions, *, show_progress: bool = True) -> Path:
-    """Runs (or resumes) a training run to `max_steps`; returns the trained model folder."""
+    """Runs (or resumes) a training run to `max_steps`; returns the trained model folder (a LoRA run: its file)."""
     trainer = Trainer(options, show_progress=show_progress)
     for item in trainer.skipped:
         print(f"warning: skipped {item}")
     trainer.run()
-    return trainer.out / "model"
+    return trainer.out / ("model" if options.lora_rank is None else LORA_FILE)
 
 
 __all__ = ["train", "Trainer", "TrainOptions", "DataError", "model_start"]
