@@ -6,10 +6,8 @@ import os
 import shutil
 import tempfile
 
-from tests import FAST_COMPILE_XLA_FLAGS  # noqa: E402
-
 # Sharding tests need several devices; this must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", os.environ.get("SD_JAX_TEST_PLATFORM", "cpu"))
 
 # `sd_jax.load` and the scripts turn JAX's persistent compilation cache on (sd_jax/compile_cache.py). The tests use a

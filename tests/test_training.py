@@ -24,7 +24,6 @@ from sd_jax.models import abstract_components, random_components
 from sd_jax.sampling.schedules import alphas_cumprod
 from sd_jax.training import Trainer, TrainOptions
 from sd_jax.training import loss as losses
-from tests import FAST_COMPILE_XLA_FLAGS
 from tests.test_convert import ROOT
 from tests.tiny_models import tiny_config
 
@@ -269,7 +268,7 @@ def _train_command(data, out, steps):
 
 def _env(cache=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAGS  # one device
+    env.pop("XLA_FLAGS", None)
     if cache is not None:
         # The three runs compile the same step: JAX's persistent cache compiles it once (the same executable).
         env |= {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
