@@ -7,7 +7,15 @@ setup(
     version="0.1.0",
     description="Stable Diffusion in JAX/Flax: PyTorch checkpoint conversion, jitted sampling over every device.",
     python_requires=">=3.10",
-    packages=["sd_jax", "sd_jax.modules", "sd_jax.sampling", "sd_jax.convert", "sd_jax.training", "sd_jax.configs"],
+    packages=[
+        "sd_jax",
+        "sd_jax.modules",
+        "sd_jax.sampling",
+        "sd_jax.convert",
+        "sd_jax.lora",
+        "sd_jax.training",
+        "sd_jax.configs",
+    ],
     # The named model presets live in the repository's configs/ folder and install as sd_jax.configs.
     package_dir={"sd_jax.configs": "configs"},
     # The default model (`sd_jax.load()`): a converted folder, assets/NAME/ with model_index.json, config.json,
