@@ -337,9 +337,13 @@ def _network_hashes(pipe, settings) -> tuple[dict[str, str], dict[str, str], str
     from sd_jax import embeddings, lora
 
     uses, prompts, negatives = pipe.lora_uses(settings)
-    lora_hashes = {network_alias(use.name): lora.short_hash(pipe.loras.resolve(use.name)) for use in uses}
+
+    def short_hash(module, path: Path) -> str:
+        return remembered_hash(module.__name__, lambda files: module.short_hash(files[0]), [Path(path)])
+
+    lora_hashes = {network_alias(use.name): short_hash(lora, pipe.loras.resolve(use.name)) for use in uses}
     used = pipe.prompts.used_embeddings(prompts + negatives) if pipe.prompts.embeddings is not None else {}
-    ti_hashes = {network_alias(name): embeddings.short_hash(path) for name, path in used.items()}
+    ti_hashes = {network_alias(name): short_hash(embeddings, path) for name, path in used.items()}
     prompt = settings.prompt if isinstance(settings.prompt, str) else settings.prompts[0]
     tags = [lora_tags_of(name, te, unet) for name, te, unet in settings.loras]
     return lora_hashes, ti_hashes, " ".join([prompt, *tags]) if tags else prompt
@@ -375,14 +379,21 @@ def model_hash(path: str | os.PathLike | None) -> str | None:
     files = _weight_files(path) if path.is_dir() else [path]
     if not files:
         return None
-    # Hashing gigabytes per saved image would dwarf generating it: remember each file set's hash by size and mtime.
-    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if stamp not in _HASHES:
-        _HASHES[stamp] = _sha256_prefix(files)
-    return _HASHES[stamp]
+    return remembered_hash("model", _sha256_prefix, files)
 
 
 _HASHES: dict[tuple, str] = {}
+
+
+def remembered_hash(kind: str, hash_files, files: list[Path]) -> str:
+    """`hash_files(files)`, the `kind` of hash ("model", "lora", ...), computed once per file set as it is on disk
+    (paths, sizes, modification times): hashing a model, LoRA or embedding per saved image would dwarf generating
+    it."""
+    stamp = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (kind, stamp)
+    if key not in _HASHES:
+        _HASHES[key] = hash_files(files)
+    return _HASHES[key]
 
 
 def _sha256_prefix(files: list[Path]) -> str:
