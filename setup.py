@@ -14,6 +14,7 @@ setup(
         "sd_jax.convert",
         "sd_jax.lora",
         "sd_jax.training",
+        "sd_jax.server",
         "sd_jax.configs",
     ],
     # The named model presets live in the repository's configs/ folder and install as sd_jax.configs.
@@ -26,7 +27,8 @@ setup(
             "assets/*/*/*.json",
             "assets/*/*/*.safetensors",
             "assets/*/tokenizer/*.txt",
-        ]
+        ],
+        "sd_jax.server": ["static/*.html"],
     },
     install_requires=[
         "jax>=0.10",
@@ -50,6 +52,8 @@ setup(
         "tpu": ["jax[tpu]>=0.10"],
         # Reading pickled .ckpt files (torch.load with weights_only=True never runs code from the file).
         "torch": ["torch==2.13.0"],
+        # scripts/serve.py: AUTOMATIC1111's web API and the browser page.
+        "server": ["fastapi>=0.115", "uvicorn>=0.30"],
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.5",
@@ -59,6 +63,12 @@ setup(
             "peft==0.21.2",
             "transformers>=5.0",
             "ruff>=0.8",
+            # The server's tests: a live server, its clients, and the page in headless Chromium (Debian's
+            # chromium and chromium-driver packages; .ci/run installs them).
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "requests>=2.31",
+            "selenium>=4.20,<4.52",  # 4.52 requires a certifi newer than the package index holds
         ],
     },
 )

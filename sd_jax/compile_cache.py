@@ -9,11 +9,17 @@ replaces a cache folder the user gave JAX (`jax_compilation_cache_dir` or JAX_CO
 cache JAX was told to leave off (`jax_enable_compilation_cache`). The cache saves XLA's compile time, not tracing: a
 program that compiles in under a second is not written, nor is one with host callbacks (a per-step progress report),
 which JAX never caches.
+
+Within a process, `shared_jit` gives every model of one architecture the same jitted functions: the weights are
+arguments, so a second pipeline of the same config (another checkpoint of the same family, the server switching
+models, a test building its own) reuses the executables the first compiled, callbacks or not.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -70,3 +76,20 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
 def disable() -> None:
     """Turns JAX's persistent compilation cache off for this process (`enable()` then leaves it off)."""
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+_SHARED: dict[tuple, Callable] = {}
+
+
+def _frozen(value):
+    return tuple(sorted(value.items())) if isinstance(value, Mapping) else value
+
+
+def shared_jit(fn: Callable, *bound, **jit_options) -> Callable:
+    """`jax.jit(functools.partial(fn, *bound), **jit_options)`, made once per distinct (fn, bound, options) in this
+    process. `bound` are the static leading arguments (graph definitions, a mesh: hashable, or mappings of them);
+    `jit_options` must be hashable (tuples for static_argnames)."""
+    key = (fn, tuple(_frozen(b) for b in bound), tuple(sorted(jit_options.items())))
+    if key not in _SHARED:
+        _SHARED[key] = jax.jit(functools.partial(fn, *bound), **jit_options)
+    return _SHARED[key]

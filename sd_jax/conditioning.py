@@ -15,7 +15,6 @@ program it runs without a library.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sd_jax import compile_cache
 from sd_jax.embeddings import EmbeddingLibrary, EmbeddingVocabulary
 from sd_jax.prompts import TokenizedPrompt, tokenize_prompt, weighted_mean_restore
 
@@ -62,7 +62,7 @@ class PromptEncoder:
         self.length = config.max_position_embeddings  # tokens per chunk with start and end (77)
         self.width = config.hidden_size
         self.vocab_size = config.vocab_size  # embedding vectors get the ids from here up
-        self._encode = jax.jit(functools.partial(_text_embeddings, graphdef), static_argnames=("clip_skip",))
+        self._encode = compile_cache.shared_jit(_text_embeddings, graphdef, static_argnames=("clip_skip",))
         self._emphasis = jax.jit(weighted_mean_restore)
 
     @property

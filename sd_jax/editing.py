@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FILLS = ("original", "noise", "latent_noise", "latent_nothing")
+FILLS = ("original", "fill", "noise", "latent_noise", "latent_nothing")
+# "fill": the repainted area starts from the colours around it, smoothed at falling radii (pixels, and passes of each).
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
 EMPTY_MASK = "the mask is empty: nothing to repaint (white marks the area to repaint)"
 OUTPAINT_NOISE_STD = 40.0  # pixel levels of Gaussian noise over the edge-stretched new area of an outpaint canvas
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -368,18 +370,63 @@ def check_fill(fill: str) -> None:
 def fill_masked(image: Image.Image | np.ndarray, mask: np.ndarray, fill: str, rng: np.random.Generator) -> np.ndarray:
     """The pixels the sampler starts from inside the mask, uint8 (H, W, 3).
 
-    "original" keeps the image; "noise" blends uniform random pixels in by the mask (pixels where the mask is 0
-    keep their bytes); "latent_noise" and "latent_nothing" fill in latent space (the pipeline's job), so the
-    image is returned unchanged.
+    "original" keeps the image; "fill" paints the area with the colours around it (`surrounding_colours`);
+    "noise" blends uniform random pixels in by the mask (pixels where the mask is 0 keep their bytes);
+    "latent_noise" and "latent_nothing" fill in latent space (the pipeline's job), so the image is returned
+    unchanged.
     """
     check_fill(fill)
     image = _rgb_array(image, "image")
     mask = _float_mask(mask)
     _check_mask_size(mask, image.shape[1], image.shape[0])
+    if fill == "fill":
+        return surrounding_colours(image, mask)
     if fill != "noise":
         return image.copy()
     noise = rng.integers(0, 256, size=image.shape, dtype=np.uint8)
     return paste_back(image, noise, mask)
+
+
+def _gaussian_blur_fft(values: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian blur (standard deviation `sigma` pixels) of (H, W, C) float64, zero outside the image."""
+    height, width = values.shape[:2]
+    pad = int(math.ceil(3 * sigma))
+    shape = (height + 2 * pad, width + 2 * pad)
+    freq_y = np.fft.fftfreq(shape[0])[:, None]
+    freq_x = np.fft.rfftfreq(shape[1])[None, :]
+    # The Fourier transform of a unit-sum Gaussian: no kernel of up to 6 sigma taps per pixel.
+    response = np.exp(-2 * (math.pi * sigma) ** 2 * (freq_y**2 + freq_x**2))
+    padded = np.zeros(shape + values.shape[2:])
+    padded[pad : pad + height, pad : pad + width] = values
+    blurred = np.fft.irfft2(np.fft.rfft2(padded, axes=(0, 1)) * response[..., None], s=shape, axes=(0, 1))
+    return blurred[pad : pad + height, pad : pad + width]
+
+
+def surrounding_colours(image: Image.Image | np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The masked area painted with the colours around it, uint8 (H, W, 3) (AUTOMATIC1111's "fill").
+
+    At each radius of FILL_PASSES the known pixels (weight 1 - mask) are blurred and divided by their blurred
+    weight, a normalised convolution: every pixel gets the mean colour of the known pixels near it, opaque as far as
+    the known pixels' weight reaches. The layers are laid over one another, widest first, as many times as the
+    pass says; the last (radius 0) puts the known pixels back exactly where the mask is 0.
+    """
+    image = _rgb_array(image, "image").astype(np.float64)
+    known = 1.0 - _float_mask(mask).astype(np.float64)
+    _check_mask_size(known, image.shape[1], image.shape[0])
+    colour = np.zeros_like(image)
+    coverage = np.zeros(known.shape + (1,))
+    layer = np.concatenate([image * known[..., None], known[..., None]], axis=-1)
+    for radius, passes in FILL_PASSES:
+        blurred = _gaussian_blur_fft(layer, radius) if radius else layer
+        alpha = np.clip(blurred[..., 3:], 0.0, 1.0)
+        straight = blurred[..., :3] / np.maximum(blurred[..., 3:], 1e-12)
+        for _ in range(passes):  # "over": the new layer in front of what is there
+            total = alpha + coverage * (1.0 - alpha)
+            colour = np.where(
+                total > 0, (straight * alpha + colour * coverage * (1.0 - alpha)) / np.maximum(total, 1e-12), 0.0
+            )
+            coverage = total
+    return np.clip(np.rint(colour), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
-from sd_jax import parallel
+from sd_jax import compile_cache, parallel
 from sd_jax.sampling import samplers
 from sd_jax.sampling.denoisers import vp_denoiser
 from sd_jax.sampling.guidance import classifier_free_guidance, interleave
@@ -323,7 +323,8 @@ class Program:
 
     def __init__(self, mesh, graphs: dict):
         self.mesh = mesh
-        self._jit = jax.jit(functools.partial(generate, mesh, graphs), static_argnames=("static",))
+        # One executable per program for every model of this architecture on this mesh (the weights are arguments).
+        self._jit = compile_cache.shared_jit(generate, mesh, graphs, static_argnames=("static",))
 
     def compiled_count(self) -> int:
         """How many executables have been compiled (one per distinct `StaticSettings` and `Batch.shape_key`)."""

@@ -60,9 +60,10 @@ A1111_AUTOMATIC = {
     "dpmpp_sde": "karras",
     "dpmpp_2m_sde": "exponential",
 }
-# AUTOMATIC1111's "fill" (blurred surrounding colours) has no sd_jax twin; sd_jax's "noise" is written as is.
+# sd_jax's "noise" has no AUTOMATIC1111 twin and is written as is.
 A1111_FILL_NAMES = {
     "original": "original",
+    "fill": "fill",
     "noise": "noise",
     "latent_noise": "latent noise",
     "latent_nothing": "latent nothing",

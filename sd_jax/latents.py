@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sd_jax import editing, tiling
+from sd_jax import compile_cache, editing, tiling
 from sd_jax.modules.vae import AutoencoderKL
 
 log = logging.getLogger("sd_jax")
@@ -40,8 +40,8 @@ class LatentCodec:
         self.dtype = dtype
         self.factor = factor
         self.state = None
-        self.encode_mean = jax.jit(functools.partial(_encode_mean, graphdef))  # (state, (B, H, W, 3)) -> mean
-        self.decode_raw = jax.jit(functools.partial(_decode, graphdef))  # (state, raw latents) -> [-1, 1] pixels
+        self.encode_mean = compile_cache.shared_jit(_encode_mean, graphdef)  # (state, (B, H, W, 3)) -> mean
+        self.decode_raw = compile_cache.shared_jit(_decode, graphdef)  # (state, raw latents) -> [-1, 1] pixels
 
     @property
     def state(self):

@@ -345,9 +345,26 @@ def test_fill_masked():
     np.testing.assert_array_equal(noisy[mask == 0], image[mask == 0])
     assert (noisy[mask == 1] != image[mask == 1]).mean() > 0.9
     np.testing.assert_array_equal(noisy, editing.fill_masked(image, mask, "noise", np.random.default_rng(1)))
-    assert editing.FILLS == ("original", "noise", "latent_noise", "latent_nothing")
-    with pytest.raises(ValueError, match="unknown fill 'fill'; choose one of original, noise, latent_noise"):
-        editing.fill_masked(image, mask, "fill", rng)
+    assert editing.FILLS == ("original", "fill", "noise", "latent_noise", "latent_nothing")
+    with pytest.raises(ValueError, match="unknown fill 'blur'; choose one of original, fill, noise, latent_noise"):
+        editing.fill_masked(image, mask, "blur", rng)
+
+
+def test_fill_paints_the_hole_with_the_colours_around_it():
+    # Left half red, right half blue, a hole across the middle: each side of the hole takes its own side's colour,
+    # the known pixels keep their bytes, and the hole's middle is a blend.
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, :32] = (200, 0, 0)
+    image[:, 32:] = (0, 0, 200)
+    mask = np.zeros((48, 64), np.float32)
+    mask[16:32, 8:56] = 1
+    filled = editing.fill_masked(image, mask, "fill", np.random.default_rng(0))
+    np.testing.assert_array_equal(filled[mask == 0], image[mask == 0])
+    assert filled[24, 10, 0] > 180 and filled[24, 10, 2] < 20  # next to red
+    assert filled[24, 53, 2] > 180 and filled[24, 53, 0] < 20  # next to blue
+    assert 40 < filled[24, 32, 0] < 160 and 40 < filled[24, 32, 2] < 160
+    # A fully masked image has no colour to spread: black, as AUTOMATIC1111's fill gives.
+    assert not editing.fill_masked(image, np.ones((48, 64), np.float32), "fill", np.random.default_rng(0)).any()
 
 
 # ---------------------------------------------------------------------------------------------------------------
