@@ -63,7 +63,7 @@ def main(argv):
 
         for clients in map(int, FLAGS.clients):
             with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(one, range(-clients, 0)))  # warm-up: compiles the call sizes this load uses
+                list(pool.map(one, range(10**6, 10**6 + clients)))  # warm-up: compiles the call sizes this load uses
                 calls = worker.calls
                 start = time.perf_counter()
                 latencies = sorted(pool.map(one, range(FLAGS.requests)))
