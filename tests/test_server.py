@@ -144,6 +144,26 @@ def test_txt2img_defaults_are_automatic1111s(served):
     assert silent["images"] == [] and len(json.loads(silent["info"])["infotexts"]) == 1
 
 
+def test_hires_fix_is_txt2img_then_upscale(served):
+    # AUTOMATIC1111's hires fix: each first-pass image resized by hr_scale (Lanczos: sd_jax's upscale mode) and
+    # redrawn at denoising_strength for hr_second_pass_steps, with its own seed; info reports the first pass's size.
+    server, _, pipe = served
+    body = {"prompt": "a tower", "seed": 21, "steps": 3, "sampler_name": "Euler", "batch_size": 2, **SIZE}
+    body |= {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5, "hr_second_pass_steps": 2}
+    response = post(server, "txt2img", body)
+    assert response.status_code == 200, response.text
+    first = pipe.txt2img("a tower", seed=21, steps=3, sampler="euler", num_images=2, guidance_scale=7.0, **SIZE)
+    for i, got in enumerate(response.json()["images"]):
+        want = pipe.upscale(
+            "a tower", first[i], scale=1.5, strength=0.5, steps=2, seed=21 + i, sampler="euler", guidance_scale=7.0
+        )[0]
+        assert pixels(got).shape == (48, 48, 3)
+        np.testing.assert_array_equal(pixels(got), np.asarray(want))
+    info = json.loads(response.json()["info"])
+    assert (info["width"], info["height"]) == (32, 32) and info["all_seeds"] == [21, 22]
+    assert info["extra_generation_params"]["Hires upscale"] == 1.5 and "Hires upscale: 1.5" in info["infotexts"][0]
+
+
 def test_img2img_and_inpainting_equal_the_python_api(served):
     server, _, pipe = served
     image = checkered()
@@ -271,7 +291,9 @@ BAD = [
     ("txt2img", {"scheduler": "beta"}, "scheduler"),
     ("txt2img", {"seed": 2**40}, "seed"),
     ("txt2img", {"restore_faces": True}, "restore_faces"),
-    ("txt2img", {"enable_hr": True}, "enable_hr"),
+    ("txt2img", {"enable_hr": True}, "denoising_strength"),
+    ("txt2img", {"enable_hr": True, "denoising_strength": 0.5, "hr_upscaler": "Latent"}, "hr_upscaler"),
+    ("txt2img", {"enable_hr": True, "denoising_strength": 0.5, "hr_scale": 200}, "hr_scale"),
     ("txt2img", {"cfg_scale": "high"}, "cfg_scale"),
     ("img2img", {}, "init_images"),
     ("img2img", {"init_images": ["not base64!"]}, "init_images"),

@@ -3,9 +3,9 @@ responses, and its sampler, scheduler and PNG-info answers.
 
 The request bodies are AUTOMATIC1111's (1.9/1.10) field for field, with its names, types and defaults; unknown
 fields are ignored, as there. Where its behaviour is silent or lenient, sd_jax answers a 422 naming the field:
-an unknown sampler or scheduler (AUTOMATIC1111 falls back to another), undecodable base64 (a 500 there), and options
-sd_jax does not have (face restoration, tiling, hires fix, variation seeds, scripts, styles), which would otherwise
-be ignored silently and give another image than the client asked for.
+an unknown sampler or scheduler (AUTOMATIC1111 falls back to another), undecodable base64 (a 500 there), and
+options sd_jax does not have (face restoration, tiling, latent upscalers, variation seeds, scripts, styles), which
+would otherwise be ignored silently and give another image than the client asked for.
 """
 
 from __future__ import annotations
@@ -257,7 +257,6 @@ def _unsupported(body: Txt2ImgBody, field: str, value: Any, default: Any, what: 
 def _check_unsupported(body: Txt2ImgBody) -> None:
     _unsupported(body, "restore_faces", body.restore_faces, False, "face restoration")
     _unsupported(body, "tiling", body.tiling, False, "tiling")
-    _unsupported(body, "enable_hr", body.enable_hr, False, "hires fix here (use scripts/upscale.py's mode)")
     _unsupported(body, "subseed_strength", body.subseed_strength, 0, "variation seeds")
     if body.seed_resize_from_h > 0 and body.seed_resize_from_w > 0:
         if (body.seed_resize_from_w, body.seed_resize_from_h) != (body.width, body.height):
@@ -333,18 +332,15 @@ def _validated(settings: GenerationSettings) -> GenerationSettings:
         raise FieldError(field, message) from None
 
 
-def txt2img_request(body: Txt2ImgBody, options: Options, limits: Limits) -> Request:
-    """The sd_jax request of a txt2img body (checks first; FieldError names the first bad field)."""
+def _common(body: Txt2ImgBody, options: Options, limits: Limits) -> dict[str, Any]:
+    """The settings every request has (after the checks every request gets; FieldError names the first bad field)."""
     _check_unsupported(body)
     n = _check_limits(body, limits)
     sampler, schedule = sampler_and_schedule(body.sampler_name, body.sampler_index, body.scheduler)
     clip_skip, eta_ddim = _overrides(body, options)
-    settings = GenerationSettings(
-        mode="txt2img",
+    return dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
-        height=body.height,
-        width=body.width,
         steps=body.steps,
         guidance_scale=float(body.cfg_scale),
         sampler=sampler,
@@ -354,7 +350,74 @@ def txt2img_request(body: Txt2ImgBody, options: Options, limits: Limits) -> Requ
         num_images=n,
         clip_skip=clip_skip,
     )
+
+
+def txt2img_request(body: Txt2ImgBody, options: Options, limits: Limits) -> Request:
+    """The sd_jax request of a txt2img body (checks first; FieldError names the first bad field)."""
+    common = _common(body, options, limits)
+    settings = GenerationSettings(mode="txt2img", height=body.height, width=body.width, **common)
     return Request(_validated(settings))
+
+
+HIRES_UPSCALERS = (None, "None", "Lanczos")  # the hires pass resizes pixels (Lanczos), as sd_jax's upscale mode
+
+
+def check_hires(body: Txt2ImgBody, limits: Limits) -> float | None:
+    """The hires fix's scale (None without `enable_hr`), its fields checked before the first pass runs.
+
+    The second pass is sd_jax's upscale mode: a Lanczos resize of each first-pass image by `hr_scale` (or to
+    `hr_resize_x` x `hr_resize_y`, which must keep the aspect), then img2img at `denoising_strength` for
+    `hr_second_pass_steps` (0: `steps`), with the image's own seed."""
+    if not body.enable_hr:
+        return None
+    if body.hr_upscaler not in HIRES_UPSCALERS:
+        raise FieldError("hr_upscaler", f"sd_jax's hires pass resizes with Lanczos; got {body.hr_upscaler!r}")
+    _unsupported(body, "hr_checkpoint_name", body.hr_checkpoint_name, None, "second checkpoint for the hires pass")
+    if body.denoising_strength is None or not 0 <= body.denoising_strength <= 1:
+        raise FieldError("denoising_strength", "the hires pass needs a denoising_strength in [0, 1]")
+    if body.hr_second_pass_steps < 0 or body.hr_second_pass_steps > limits.max_steps:
+        raise FieldError("hr_second_pass_steps", f"must be between 0 and {limits.max_steps} on this server")
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        scales = {body.hr_resize_x / body.width if body.hr_resize_x else None}
+        scales |= {body.hr_resize_y / body.height if body.hr_resize_y else None}
+        scales.discard(None)
+        if len(scales) != 1:
+            raise FieldError("hr_resize_x", "sd_jax's hires pass keeps the aspect: give one of hr_resize_x/y or both")
+        scale = scales.pop()
+    if not 0 < scale or max(body.width, body.height) * scale > limits.max_side:
+        raise FieldError("hr_scale", f"the hires size must be positive and at most {limits.max_side} on this server")
+    return float(scale)
+
+
+def hires_requests(body: Txt2ImgBody, first: Result, scale: float, options: Options) -> list[Request]:
+    """The hires fix's second pass: one upscale request per first-pass image (seed and prompt its own)."""
+    s = first.settings
+    sampler, schedule = s.sampler, s.schedule
+    if body.hr_sampler_name or body.hr_scheduler:
+        sampler, schedule = sampler_and_schedule(body.hr_sampler_name or None, body.sampler_index, body.hr_scheduler)
+        if not body.hr_sampler_name:
+            sampler = s.sampler
+    requests = []
+    prompts = [p for p in s.prompts for _ in range(s.num_images)]
+    negatives = [p for p in s.negative_prompts for _ in range(s.num_images)]
+    for image, seed in zip(first.images, first.seeds, strict=True):
+        settings = GenerationSettings(
+            mode="upscale",
+            prompt=body.hr_prompt or prompts[seed - s.seed],
+            negative_prompt=body.hr_negative_prompt or negatives[seed - s.seed],
+            steps=body.hr_second_pass_steps or s.steps,
+            guidance_scale=s.guidance_scale,
+            sampler=sampler,
+            schedule=schedule,
+            eta=s.eta if sampler == "ddim" else 0.0,
+            seed=seed,
+            clip_skip=s.clip_skip,
+            strength=float(body.denoising_strength),
+            scale=scale,
+        )
+        requests.append(Request(_validated(settings), image=image, model=first.model))
+    return requests
 
 
 def _eta(body: Txt2ImgBody, sampler: str, eta_ddim: float) -> float:
@@ -369,34 +432,19 @@ def _eta(body: Txt2ImgBody, sampler: str, eta_ddim: float) -> float:
 
 def img2img_request(body: Img2ImgBody, options: Options, limits: Limits) -> Request:
     """The sd_jax request of an img2img body: img2img, or inpainting when it has a mask."""
-    _check_unsupported(body)
-    n = _check_limits(body, limits)
+    common = _common(body, options, limits)
     if not body.init_images:
         raise FieldError("init_images", "give one base64 image")
     if len(body.init_images) > 1:
         raise FieldError("init_images", "sd_jax takes one init image a request")
-    sampler, schedule = sampler_and_schedule(body.sampler_name, body.sampler_index, body.scheduler)
-    clip_skip, eta_ddim = _overrides(body, options)
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
     if not 0 <= strength <= 1:
         raise FieldError("denoising_strength", f"must be in [0, 1], got {strength}")
+    common["strength"] = float(strength)
     image = _rgb(decode_image(body.init_images[0], "init_images", limits.max_image_pixels))
     size = (body.width, body.height)
     if body.resize_mode != 0 and image.size != size:
         raise FieldError("resize_mode", "sd_jax resizes as resize_mode 0 (just resize); send 0")
-    common = dict(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        steps=body.steps,
-        guidance_scale=float(body.cfg_scale),
-        sampler=sampler,
-        schedule=schedule,
-        eta=_eta(body, sampler, eta_ddim),
-        seed=_seed(body.seed, n),
-        num_images=n,
-        clip_skip=clip_skip,
-        strength=float(strength),
-    )
     if not body.mask:
         settings = GenerationSettings(mode="img2img", height=body.height, width=body.width, **common)
         return Request(_validated(settings), image=image)
@@ -451,8 +499,11 @@ def encode_png(image: Image.Image, texts: dict[str, str], watermark: bytes | Non
     return base64.b64encode(out.getvalue()).decode("ascii")
 
 
-def info(result: Result, body: Txt2ImgBody, *, subseed: int, job_timestamp: str, version: str) -> dict:
-    """AUTOMATIC1111's `info` object of a request's result (the response carries it as a JSON string)."""
+def info(
+    result: Result, body: Txt2ImgBody, *, subseed: int, job_timestamp: str, version: str, hires: Result | None = None
+) -> dict:
+    """AUTOMATIC1111's `info` object of a request's result (the response carries it as a JSON string); with the
+    hires fix, `result` is the first pass and `hires` the second's images (one result holding them all)."""
     s = result.settings
     n = s.num_images * len(s.prompts)
     seeds = [s.seed + i for i in range(n)]
@@ -464,6 +515,11 @@ def info(result: Result, body: Txt2ImgBody, *, subseed: int, job_timestamp: str,
         extra["Schedule type"] = schedule_label
     if s.mode != "txt2img":
         extra["Denoising strength"] = s.strength
+    if body.enable_hr and hires is not None:
+        extra["Denoising strength"] = body.denoising_strength
+        extra["Hires upscale"] = hires.settings.scale
+        extra["Hires steps"] = body.hr_second_pass_steps or s.steps
+        extra["Hires upscaler"] = "Lanczos"
     if s.mode == "inpaint":
         extra.update(
             {
@@ -502,13 +558,13 @@ def info(result: Result, body: Txt2ImgBody, *, subseed: int, job_timestamp: str,
         "denoising_strength": s.strength if s.mode != "txt2img" else body.denoising_strength,
         "extra_generation_params": extra,
         "index_of_first_image": 0,
-        "infotexts": [t[infotext.PARAMETERS_KEY] for t in result.texts],
+        "infotexts": [t[infotext.PARAMETERS_KEY] for t in (hires or result).texts],
         "styles": [],
         "job_timestamp": job_timestamp,
         "clip_skip": s.clip_skip,
         "is_using_inpainting_conditioning": result.is_inpainting and s.mode == "inpaint",
         "version": version,
-        "interrupted": result.interrupted,
+        "interrupted": result.interrupted or (hires is not None and hires.interrupted),
     }
 
 

@@ -163,21 +163,34 @@ def create_app(worker: Worker, config: Config | None = None) -> FastAPI:
                 request.model = worker.store.find(checkpoint)
             except KeyError:
                 pass
+        hires_scale = a1111.check_hires(body, limits) if type(body) is Txt2ImgBody else None
         subseed = body.subseed if body.subseed != -1 else secrets.randbelow(2**32 - 1)
         result = await asyncio.wrap_future(worker.submit(request))
         timestamp = worker.progress()["job_timestamp"]
-        return await run_in_threadpool(_respond, result, body, subseed, timestamp)
+        hires = None
+        if hires_scale is not None and result.images and not result.interrupted:
+            second = a1111.hires_requests(body, result, hires_scale, options)
+            done = await asyncio.gather(*(asyncio.wrap_future(worker.submit(r)) for r in second))
+            hires = dataclasses.replace(
+                done[0],
+                images=[image for r in done for image in r.images],
+                seeds=[seed for r in done for seed in r.seeds],
+                texts=[text for r in done for text in r.texts],
+                interrupted=any(r.interrupted for r in done),
+            )
+        return await run_in_threadpool(_respond, result, body, subseed, timestamp, hires)
 
-    def _respond(result, body: Txt2ImgBody, subseed: int, timestamp: str) -> dict:
+    def _respond(result, body: Txt2ImgBody, subseed: int, timestamp: str, hires=None) -> dict:
         payload = None
         if config.watermark:
             from sd_jax.watermark import PAYLOADS
 
             payload = PAYLOADS.get(result.family)
         images = []
+        final = hires or result
         if body.send_images:
-            images = [a1111.encode_png(im, t, payload) for im, t in zip(result.images, result.texts, strict=True)]
-        info = a1111.info(result, body, subseed=subseed, job_timestamp=timestamp, version=config.version)
+            images = [a1111.encode_png(im, t, payload) for im, t in zip(final.images, final.texts, strict=True)]
+        info = a1111.info(result, body, subseed=subseed, job_timestamp=timestamp, version=config.version, hires=hires)
         return {"images": images, "parameters": a1111.parameters(body), "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
