@@ -22,6 +22,7 @@ requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
 
+import sd_jax  # noqa: E402
 from sd_jax import checkpoint  # noqa: E402
 from sd_jax.loading import random_model  # noqa: E402
 from sd_jax.models import random_components  # noqa: E402
@@ -513,3 +514,29 @@ def test_serve_flag_errors(flags, message):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
     assert "Traceback" not in result.stderr and "loading" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRAs: names of the server's folder only
+
+
+def test_lora_tags_name_the_servers_files_only(tmp_path):
+    from tests.test_lora import kohya_dict, random_pairs, save
+    from tests.tiny_models import tiny_config
+
+    (tmp_path / "loras").mkdir()
+    save(tmp_path / "loras" / "style.safetensors", kohya_dict(random_pairs(tiny_config("sd1"), 3, 0.5)))
+    outside = tmp_path / "outside.safetensors"
+    save(outside, kohya_dict(random_pairs(tiny_config("sd1"), 3, 0.5)))
+    pipe = sd_jax.load("random:tiny", lora_dir=tmp_path / "loras")
+    with tiny_server(pipe) as (server, _, _):
+        assert get(server, "loras").json() == [{"name": "style", "alias": "style", "path": "style", "metadata": {}}]
+        body = {"prompt": "a cat <lora:style:0.8>", "steps": 2, "seed": 4, "sampler_name": "Euler", **SIZE}
+        response = post(server, "txt2img", body)
+        assert response.status_code == 200, response.text
+        want = pipe.txt2img("a cat <lora:style:0.8>", steps=2, seed=4, sampler="euler", guidance_scale=7.0, **SIZE)
+        np.testing.assert_array_equal(pixels(response.json()["images"][0]), np.asarray(want[0]))
+        assert "Lora hashes" in json.loads(response.json()["info"])["infotexts"][0]
+        for name in (str(outside), "../outside.safetensors", "nothing"):
+            response = post(server, "txt2img", {**body, "prompt": f"a cat <lora:{name}:1>"})
+            assert response.status_code == 422 and "no LoRA file named" in response.json()["error"], response.text

@@ -24,10 +24,12 @@ def _stamp(path: Path) -> tuple:
 class LoRALibrary:
     """The LoRA files of a folder (or none: then only paths resolve)."""
 
-    def __init__(self, folder: str | os.PathLike | None = None):
+    def __init__(self, folder: str | os.PathLike | None = None, *, names_only: bool = False):
+        """names_only: resolve only the names of the folder's files, never a path (a server's requests)."""
         if folder is not None and not Path(folder).is_dir():
             raise LoRAError(f"--lora_dir {folder}: no such folder")
         self.folder = None if folder is None else Path(folder)
+        self.names_only = names_only
         self._files: OrderedDict[tuple, LoRAFile] = OrderedDict()
 
     def names(self) -> dict[str, list[Path]]:
@@ -41,17 +43,26 @@ class LoRALibrary:
         return found
 
     def resolve(self, name: str) -> Path:
-        """The file a name means: a path to a file, or a file of the folder whose stem is `name`."""
-        if Path(name).suffix.lower() in LORA_SUFFIXES:
+        """The file a name means: a path to a file (unless `names_only`), or a file of the folder whose stem is
+        `name`."""
+        if self.names_only:  # a path only as one of the folder's files (what `stamp` keeps is a resolved path)
+            resolved = Path(name).resolve()
+            for paths in self.names().values():
+                if any(path.resolve() == resolved for path in paths):
+                    return resolved
+        elif Path(name).suffix.lower() in LORA_SUFFIXES:
             direct = Path(name) if self.folder is None else self.folder / name
             for path in (Path(name), direct):
                 if path.is_file():
                     return path
         matches = self.names().get(name, [])
         if len(matches) > 1:
-            raise LoRAError(f"<lora:{name}>: several files are named {name!r}: {', '.join(map(str, matches))}")
+            listed = f"{len(matches)} of them" if self.names_only else ", ".join(map(str, matches))
+            raise LoRAError(f"<lora:{name}>: several files are named {name!r}: {listed}")
         if not matches:
             where = f"in {self.folder}" if self.folder is not None else "(no --lora_dir given)"
+            if self.names_only:
+                where = "in the LoRA folder"
             raise LoRAError(f"<lora:{name}>: no LoRA file named {name!r} {where}")
         return matches[0]
 

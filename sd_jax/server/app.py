@@ -59,9 +59,10 @@ def parse_auth(text: str) -> dict[str, str]:
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     """A one-line `error`, and FastAPI's `detail` list naming the field (what AUTOMATIC1111's clients parse)."""
-    body: dict[str, Any] = {"error": f"{field}: {message}" if field else message}
+    body: dict[str, Any] = {"error": f"{field}: {message}" if field and field != "body" else message}
     if field is not None:
-        body["detail"] = [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+        loc = ["body"] if field == "body" else ["body", field]
+        body["detail"] = [{"loc": loc, "msg": message, "type": "value_error"}]
     else:
         body["detail"] = message
     return JSONResponse(body, status_code=status, headers=headers)
@@ -225,6 +226,16 @@ def create_app(worker: Worker, config: Config | None = None) -> FastAPI:
     @app.get("/sdapi/v1/prompt-styles")
     async def prompt_styles():
         return []
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        names = await run_in_threadpool(worker.lora_names)
+        return [{"name": n, "alias": n, "path": n, "metadata": {}} for n in names]  # names, never server paths
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        names = await run_in_threadpool(worker.embedding_names)
+        return {"loaded": {n: {} for n in names}, "skipped": {}}
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():

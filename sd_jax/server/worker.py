@@ -131,7 +131,7 @@ class Worker:
         self._stop_call: str | None = None  # "interrupt" or "skip": what the running call's callback raises for
         self._closed = False
         self.entry = store.initial
-        self.pipe = pipe
+        self.pipe = _confined(pipe)
         self.calls = 0  # compiled calls made (for tests and benchmarks)
         self.images = 0
         self._ready = threading.Event()
@@ -158,6 +158,18 @@ class Worker:
         """The loaded model's native image side in pixels (None while none is loaded)."""
         pipe = self.pipe
         return None if pipe is None else pipe.native_size
+
+    def lora_names(self) -> list[str]:
+        """The names of the LoRA folder's files (what `<lora:NAME:WEIGHT>` may name)."""
+        pipe = self.pipe
+        return [] if pipe is None else sorted(pipe.loras.names())
+
+    def embedding_names(self) -> list[str]:
+        """The names of the textual-inversion embeddings prompts may use."""
+        pipe = self.pipe
+        if pipe is None or pipe.prompts.embeddings is None:
+            return []
+        return sorted(pipe.prompts.embeddings.scan())
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Waits until the initial model is loaded."""
@@ -199,7 +211,7 @@ class Worker:
     def _run(self) -> None:
         try:
             if self.pipe is None:
-                self.pipe = self._load(self.entry)
+                self.pipe = _confined(self._load(self.entry))
         finally:
             self._ready.set()
         while not self._closed:
@@ -245,10 +257,10 @@ class Worker:
         self.pipe = None
         gc.collect()
         try:
-            self.pipe = self._load(entry)
+            self.pipe = _confined(self._load(entry))
             self._loaded = entry
         except Exception:
-            self.pipe = self._load(previous)
+            self.pipe = _confined(self._load(previous))
             raise
 
     @property
@@ -396,6 +408,14 @@ class Worker:
             is_inpainting=self.pipe.config.is_inpainting,
             interrupted=job.interrupted,
         )
+
+
+def _confined(pipe):
+    """The pipeline with its prompts' `<lora:...>` tags confined to its LoRA folder's names: no request names a file
+    path of the server's."""
+    if pipe is not None:
+        pipe.loras.names_only = True
+    return pipe
 
 
 def _load(entry: ModelEntry, dtype: str):
