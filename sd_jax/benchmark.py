@@ -97,9 +97,11 @@ class JaxSide:
 
     def __init__(self, options: Options, log=print):
         import sd_jax
+        from sd_jax import compile_cache
         from sd_jax.models import abstract_components
 
         self.options = options
+        compile_cache.clear_shared()  # the first txt2img compiles, whatever this process ran before
         start = time.perf_counter()
         self.pipe = sd_jax.load(options.model or f"random:{options.config}", options.dtype)
         self.load_s = time.perf_counter() - start

@@ -93,3 +93,9 @@ def shared_jit(fn: Callable, *bound, **jit_options) -> Callable:
     if key not in _SHARED:
         _SHARED[key] = jax.jit(functools.partial(fn, *bound), **jit_options)
     return _SHARED[key]
+
+
+def clear_shared() -> None:
+    """Forgets the shared jitted functions: pipelines built afterwards compile afresh (a benchmark's cold start, a
+    test that counts compilations). Pipelines built before keep theirs."""
+    _SHARED.clear()

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import sd_jax
-from sd_jax import batch, batch_files
+from sd_jax import batch, batch_files, compile_cache
 from sd_jax.settings import GenerationSettings
 from tests.test_convert import ROOT, run_script
 
@@ -52,6 +52,8 @@ def _prompts_file(folder, lines=MIXED):
 
 @pytest.fixture(scope="module")
 def pipe():
+    # Its own executables: the tests count what the job compiles, whatever other tests of this process compiled.
+    compile_cache.clear_shared()
     return sd_jax.load(MODEL)
 
 
