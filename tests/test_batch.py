@@ -100,10 +100,10 @@ def test_each_image_is_the_pipelines_and_mixed_settings_share_executables(pipe, 
     assert "Steps: 2, Sampler: DDIM" in Image.open(out / "000004-003.png").text["parameters"]
 
 
-@pytest.mark.parametrize("devices", [1, 2, 4])
+@pytest.mark.parametrize("devices", [1, 4])
 def test_the_same_files_on_any_device_count(pipe, reference, tmp_path, devices):
     """Lines of two modes, sizes, samplers and step counts (three programs, to keep compiling short) on 1, 2 and 4
-    devices give the files the 8-device reference run wrote."""
+    devices give the files the 8-device reference run wrote (1 and 4: each mesh compiles its own programs)."""
     import jax
 
     from sd_jax import parallel
