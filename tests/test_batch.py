@@ -102,8 +102,8 @@ def test_each_image_is_the_pipelines_and_mixed_settings_share_executables(pipe, 
 
 @pytest.mark.parametrize("devices", [1, 4])
 def test_the_same_files_on_any_device_count(pipe, reference, tmp_path, devices):
-    """Lines of two modes, sizes, samplers and step counts (three programs, to keep compiling short) on 1, 2 and 4
-    devices give the files the 8-device reference run wrote (1 and 4: each mesh compiles its own programs)."""
+    """Lines of two modes, sizes, samplers and step counts (three programs, to keep compiling short) on 1 and 4
+    devices give the files the 8-device reference run wrote (each mesh compiles its own programs)."""
     import jax
 
     from sd_jax import parallel
