@@ -41,18 +41,19 @@ def main(flags_) -> None:
     """Checks the flags, loads the model and serves until interrupted."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from sd_jax.loading import load
-    from sd_jax.server.a1111 import Limits
-    from sd_jax.server.app import Config, create_app
-    from sd_jax.server.models import ModelStore
-    from sd_jax.server.worker import Worker
-
     cli.quiet_logs()
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         cli.fail('the server needs FastAPI and uvicorn: pip install ".[server]"')
+
+    from sd_jax.loading import load
+    from sd_jax.server.a1111 import Limits
+    from sd_jax.server.app import Config, create_app
+    from sd_jax.server.models import ModelStore
+    from sd_jax.server.worker import Worker
+
     auth = _check_flags(flags_)
     if flags_.watermark:
         from sd_jax import watermark
