@@ -249,29 +249,29 @@ def _mask(image: Image.Image, invert: bool) -> Image.Image:
     return ImageOps.invert(mask) if invert else mask
 
 
-def _unsupported(body: Txt2ImgBody, field: str, value: Any, default: Any, what: str) -> None:
-    if value not in (default, None) and value != default:
+def _unsupported(field: str, value: Any, default: Any, what: str) -> None:
+    if value is not None and value != default:
         raise FieldError(field, f"sd_jax has no {what}; send {json.dumps(default)} or leave it out")
 
 
 def _check_unsupported(body: Txt2ImgBody) -> None:
-    _unsupported(body, "restore_faces", body.restore_faces, False, "face restoration")
-    _unsupported(body, "tiling", body.tiling, False, "tiling")
-    _unsupported(body, "subseed_strength", body.subseed_strength, 0, "variation seeds")
+    _unsupported("restore_faces", body.restore_faces, False, "face restoration")
+    _unsupported("tiling", body.tiling, False, "tiling")
+    _unsupported("subseed_strength", body.subseed_strength, 0, "variation seeds")
     if body.seed_resize_from_h > 0 and body.seed_resize_from_w > 0:
         if (body.seed_resize_from_w, body.seed_resize_from_h) != (body.width, body.height):
             raise FieldError("seed_resize_from_w", "sd_jax has no seed resizing")
-    _unsupported(body, "styles", body.styles or [], [], "saved styles")
-    _unsupported(body, "script_name", body.script_name, None, "scripts")
-    _unsupported(body, "alwayson_scripts", body.alwayson_scripts or {}, {}, "scripts")
-    _unsupported(body, "refiner_checkpoint", body.refiner_checkpoint, None, "refiner")
+    _unsupported("styles", body.styles or [], [], "saved styles")
+    _unsupported("script_name", body.script_name, None, "scripts")
+    _unsupported("alwayson_scripts", body.alwayson_scripts or {}, {}, "scripts")
+    _unsupported("refiner_checkpoint", body.refiner_checkpoint, None, "refiner")
     for field, default in (("s_churn", 0.0), ("s_tmin", 0.0), ("s_noise", 1.0), ("s_min_uncond", 0.0)):
-        _unsupported(body, field, getattr(body, field), default, f"{field} (sampler noise options)")
+        _unsupported(field, getattr(body, field), default, f"{field} (sampler noise options)")
     if body.s_tmax not in (None, 0.0, float("inf")):
         raise FieldError("s_tmax", "sd_jax has no s_tmax (sampler noise options)")
     if isinstance(body, Img2ImgBody):
-        _unsupported(body, "initial_noise_multiplier", body.initial_noise_multiplier, 1.0, "noise multiplier")
-        _unsupported(body, "latent_mask", body.latent_mask, None, "separate latent mask")
+        _unsupported("initial_noise_multiplier", body.initial_noise_multiplier, 1.0, "noise multiplier")
+        _unsupported("latent_mask", body.latent_mask, None, "separate latent mask")
 
 
 def _check_limits(body: Txt2ImgBody, limits: Limits) -> int:
@@ -372,7 +372,7 @@ def check_hires(body: Txt2ImgBody, limits: Limits) -> float | None:
         return None
     if body.hr_upscaler not in HIRES_UPSCALERS:
         raise FieldError("hr_upscaler", f"sd_jax's hires pass resizes with Lanczos; got {body.hr_upscaler!r}")
-    _unsupported(body, "hr_checkpoint_name", body.hr_checkpoint_name, None, "second checkpoint for the hires pass")
+    _unsupported("hr_checkpoint_name", body.hr_checkpoint_name, None, "second checkpoint for the hires pass")
     if body.denoising_strength is None or not 0 <= body.denoising_strength <= 1:
         raise FieldError("denoising_strength", "the hires pass needs a denoising_strength in [0, 1]")
     if body.hr_second_pass_steps < 0 or body.hr_second_pass_steps > limits.max_steps:

@@ -18,7 +18,6 @@ import binascii
 import dataclasses
 import json
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -331,5 +330,4 @@ def create_app(worker: Worker, config: Config | None = None) -> FastAPI:
         return Response(status_code=204)
 
     app.add_middleware(_Guard, auth=config.auth, max_body=config.max_body)
-    app.state.started = time.time()
     return app

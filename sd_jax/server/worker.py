@@ -130,7 +130,8 @@ class Worker:
         self._running: list[_Job] = []  # the jobs of the call in progress
         self._stop_call: str | None = None  # "interrupt" or "skip": what the running call's callback raises for
         self._closed = False
-        self.entry = store.initial
+        self.entry = store.initial  # the model of requests that name none
+        self._loaded = store.initial  # the model in memory
         self.pipe = _confined(pipe)
         self.calls = 0  # compiled calls made (for tests and benchmarks)
         self.images = 0
@@ -262,14 +263,6 @@ class Worker:
         except Exception:
             self.pipe = _confined(self._load(previous))
             raise
-
-    @property
-    def _loaded(self) -> ModelEntry:
-        return getattr(self, "_loaded_entry", self.store.initial)
-
-    @_loaded.setter
-    def _loaded(self, entry: ModelEntry) -> None:
-        self._loaded_entry = entry
 
     def _next_job(self) -> _Job | None:
         """The oldest job with images left on the loaded model, every job of that model prepared (so that the call
