@@ -4,8 +4,8 @@
 call (classifier-free guidance: batch 2 x images), the text encoder, the VAE decode, end-to-end txt2img (images/s,
 steps/s), peak host RSS and, on accelerators, peak device memory, plus the U-Net's FLOPs from XLA's cost analysis
 (and the model FLOPs utilisation where the device's peak is known). With `compare_torch`, diffusers runs the same
-measurements on the same weights; end-to-end rounds alternate between the two so that drift of the machine hits
-both. `scripts/benchmark.py` is the command line.
+measurements on the same weights; every measurement alternates between the two, run by run, so that drift of the
+machine hits both. `scripts/benchmark.py` is the command line.
 """
 
 from __future__ import annotations
@@ -72,12 +72,6 @@ def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _best(fn: Callable[[], object], rounds: int) -> float:
-    """Fastest of `rounds` timed runs after one untimed warm-up."""
-    fn()
-    return min(_timed(fn) for _ in range(rounds))
 
 
 def _device_peak_bytes() -> int | None:
@@ -248,12 +242,21 @@ class TorchSide:
         return self.torch.cuda.max_memory_allocated() if self.device == "cuda" else None
 
 
-def _parts(side, rounds: int) -> dict[str, float]:
-    return {
-        "unet_call_s": _best(side.unet_call, rounds),
-        "text_encoder_s": _best(side.encode_prompt, rounds),
-        "vae_decode_s": _best(side.decode, rounds),
-    }
+PARTS = {"unet_call_s": "unet_call", "text_encoder_s": "encode_prompt", "vae_decode_s": "decode"}
+
+
+def _parts(sides: list, rounds: int) -> dict[str, dict[str, float]]:
+    """Each part's fastest of `rounds` runs per side after an untimed warm-up, the sides taking turns run by run so
+    that the machine's drift hits both alike. Returns {side name: {part: seconds}}."""
+    best = {side.name: {} for side in sides}
+    for part, method in PARTS.items():
+        for side in sides:
+            getattr(side, method)()
+        for _ in range(rounds):
+            for side in sides:
+                seconds = _timed(getattr(side, method))
+                best[side.name][part] = min(best[side.name].get(part, seconds), seconds)
+    return best
 
 
 def run(options: Options, log=print) -> dict:
@@ -280,7 +283,6 @@ def run(options: Options, log=print) -> dict:
     first = _timed(ours.txt2img)
     result["sd_jax"] = {"first_txt2img_s": first}
     log(f"sd_jax: first txt2img (with compilation) {first:.1f} s")
-    result["sd_jax"].update(_parts(ours, options.rounds))
     flops = ours.unet_flops()
     result["unet_flops"] = flops
     theirs = None
@@ -288,9 +290,11 @@ def run(options: Options, log=print) -> dict:
         result["sd_jax"]["peak_rss_bytes"] = peak_rss_bytes()  # before PyTorch holds its copy of the weights
         theirs = TorchSide(pipe, options, log)
         theirs.txt2img()  # warm-up (cuDNN autotuning, allocator)
-        result["PyTorch"] = {"dtype": str(theirs.dtype).removeprefix("torch."), **_parts(theirs, options.rounds)}
-    # End to end, alternating rounds.
+        result["PyTorch"] = {"dtype": str(theirs.dtype).removeprefix("torch.")}
     sides = [ours] + ([theirs] if theirs else [])
+    for name, parts in _parts(sides, options.rounds).items():
+        result[name].update(parts)
+    # End to end, alternating rounds.
     times = {side.name: [] for side in sides}
     for i in range(options.rounds):
         for side in sides:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -297,11 +298,18 @@ def run_script(mode: str, flags_) -> list[str]:
         lora_dir=flags_.lora_dir,
         embeddings_dir=flags_.embeddings_dir,
     )
-    bar = _ProgressBar()
+    # The per-step bar is a host callback inside the compiled program, and JAX never caches a program that has one:
+    # on a terminal the bar is worth a compilation per process; in a log, the program runs without it and comes
+    # from the persistent cache when an earlier process compiled it.
+    bar = _ProgressBar() if sys.stderr.isatty() else None
+    start = time.perf_counter()
     try:
         images = run_or_exit(pipe.generate, settings, inputs.get("image"), inputs.get("mask"), progress=bar)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if bar is None:
+        print(f"sampling: {len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     seeds = [settings.seed + i for i in range(len(images))]  # one prompt: image i has seed + i
     texts = infotext.image_texts(pipe, settings, images, seeds, model=run["model"], dtype=run["dtype"])

@@ -43,8 +43,8 @@ def _assert_same_params(a, b):
             np.testing.assert_array_equal(a[name][key], b[name][key], err_msg=f"{name}.{key}")
 
 
-def run_script(*args, cwd=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+def run_script(*args, cwd=None, env=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)} | (env or {})
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or ROOT, timeout=600

@@ -18,14 +18,18 @@ def test_txt2img_script_writes_new_pngs(tmp_path):
         "--seed=7",
         f"--output_dir={out}",
     ]
-    first = run_script(*args)
+    cache = tmp_path / "jax_cache"
+    first = run_script(*args, env={"SD_JAX_COMPILE_CACHE": str(cache)})
     assert first.returncode == 0, first.stderr
     paths = first.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["00000-7.png", "00001-8.png"]
     assert "random:tiny has random weights" in first.stderr
+    # Outside a terminal the program has no per-step callback, so it is cached for the next process.
+    assert "sampling: 2 image(s) in" in first.stderr
+    assert [p for p in cache.iterdir() if p.name.startswith("jit_generate-")], sorted(p.name for p in cache.iterdir())
     assert Image.open(paths[0]).size == (32, 32)
     before = (out / "00000-7.png").read_bytes()
-    second = run_script(*args)
+    second = run_script(*args, env={"SD_JAX_COMPILE_CACHE": str(cache)})
     assert second.returncode == 0, second.stderr
     assert [p.rsplit("/", 1)[-1] for p in second.stdout.split()] == ["00002-7.png", "00003-8.png"]
     assert (out / "00000-7.png").read_bytes() == before
