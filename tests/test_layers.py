@@ -53,6 +53,7 @@ def test_small_wide_convolutions_become_a_matrix_product():
 def test_upsampler_by_parity_equals_upsampling_then_convolving(monkeypatch, size, channels):
     """The four 2x2 convolutions of the input equal nearest 2x upsampling followed by the 3x3 convolution."""
     monkeypatch.setattr(layers, "MATMUL_MIN_CHANNELS", 8)
+    monkeypatch.setattr(layers, "PARITY_MIN_PIXELS", 1)
     up = layers.Upsample2D(*channels, rngs=nnx.Rngs(size))
     up.conv.bias[...] = jax.random.normal(jax.random.key(size), (channels[1],))
     x = np.random.default_rng(size).standard_normal((2, size, size + 3, channels[0])).astype(np.float32)
