@@ -31,30 +31,17 @@ def _best(fn, iters):
 
 def main(argv):
     del argv
-    import diffusers
     import jax
-    import numpy as np
     import torch
     from flax import nnx
 
+    from sd_jax.benchmark import unet_pair
     from sd_jax.cli import quiet_logs
-    from sd_jax.config import preset
-    from sd_jax.convert.params import state_from_torch
-    from sd_jax.models import abstract_components
 
     quiet_logs()
-    config = preset(FLAGS.config)
-    torch.manual_seed(0)
-    torch_unet = diffusers.UNet2DConditionModel(**config.unet.to_dict()).eval()
-    graph, abstract = abstract_components(config)["unet"]
-    state = state_from_torch(abstract, {k: v.numpy() for k, v in torch_unet.state_dict().items()})
+    torch_unet, graph, state, (x, t, context) = unet_pair(FLAGS.config, FLAGS.batch, FLAGS.latent_size)
     unet = nnx.merge(graph, state)
-
-    rng = np.random.default_rng(0)
-    b, s, c = FLAGS.batch, FLAGS.latent_size, config.unet.in_channels
-    x = rng.standard_normal((b, c, s, s)).astype(np.float32)
-    t = np.full((b,), 500.0, np.float32)
-    context = rng.standard_normal((b, 77, config.unet.cross_attention_dim)).astype(np.float32)
+    b, c, s, _ = x.shape
 
     # Capture every block's inputs during one PyTorch call.
     kinds = {"resnets": "resnet", "attentions": "transformer", "downsamplers": "downsample", "upsamplers": "upsample"}

@@ -259,6 +259,32 @@ def _parts(sides: list, rounds: int) -> dict[str, dict[str, float]]:
     return best
 
 
+def unet_pair(config_name: str, batch: int, latent_size: int) -> tuple:
+    """diffusers' U-Net of a preset with its default random init, sd_jax's with the same weights, and call inputs.
+
+    Returns:
+      (torch_unet, graph, state, (x, timesteps, context)): x is NCHW (B, C, S, S) float32, timesteps (B,) 500,
+      context (B, 77, D); numpy arrays, seeded, so every script draws the same.
+    """
+    import diffusers
+    import torch
+
+    from sd_jax.config import preset
+    from sd_jax.convert.params import state_from_torch
+    from sd_jax.models import abstract_components
+
+    config = preset(config_name)
+    torch.manual_seed(0)
+    torch_unet = diffusers.UNet2DConditionModel(**config.unet.to_dict()).eval()
+    graph, abstract = abstract_components(config)["unet"]
+    state = state_from_torch(abstract, {k: v.numpy() for k, v in torch_unet.state_dict().items()})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, config.unet.in_channels, latent_size, latent_size)).astype(np.float32)
+    timesteps = np.full((batch,), 500.0, np.float32)
+    context = rng.standard_normal((batch, 77, config.unet.cross_attention_dim)).astype(np.float32)
+    return torch_unet, graph, state, (x, timesteps, context)
+
+
 def run(options: Options, log=print) -> dict:
     """Measures everything `Options` asks for; returns the numbers (seconds, bytes) as a JSON-ready dict."""
     if options.compare_torch and options.sampler not in DIFFUSERS_SCHEDULERS:
